@@ -1,0 +1,41 @@
+"""Alembic environment: the URL comes from receiver settings, never from alembic.ini."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy.engine import Connection
+from sqlmodel import SQLModel
+
+import receiver.tables  # noqa: F401  (registers the tables on SQLModel.metadata)
+from alembic import context
+from receiver.db import create_engine, resolve_database_url
+from receiver.settings import load_settings
+
+target_metadata = SQLModel.metadata
+
+
+def _run(connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def _run_async(url: str) -> None:
+    engine = create_engine(url, pool_size=1)
+    async with engine.connect() as connection:
+        await connection.run_sync(_run)
+        await connection.commit()
+    await engine.dispose()
+
+
+def run_migrations_online() -> None:
+    url = context.config.attributes.get("database_url")
+    if url is None:
+        url, _ = resolve_database_url(load_settings())
+    asyncio.run(_run_async(url))
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (--sql) migrations are not supported; run against a database")
+run_migrations_online()

@@ -1,0 +1,81 @@
+"""The Starlette application: ``create_app(settings)`` wires routes, errors and resources.
+
+Resources (the engine, background tasks) live in the lifespan, so importing this module or
+building the app opens nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+
+from receiver.db import create_engine, resolve_database_url
+from receiver.errors import ReceiverError, Unavailable
+from receiver.responses import error_response
+from receiver.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    """What the routes share for the life of the process."""
+
+    settings: Settings
+    engine: AsyncEngine
+
+
+def resources(request: Request) -> Resources:
+    res: Resources = request.app.state.resources
+    return res
+
+
+def _routes() -> list[BaseRoute]:
+    from receiver.routes import health, webhooks
+
+    return [*webhooks.routes, *health.routes]
+
+
+async def _receiver_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ReceiverError)
+    return error_response(exc)
+
+
+async def _database_down(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable: %s", exc)
+    return error_response(Unavailable("storage is unavailable; retry later"))
+
+
+def create_app(settings: Settings, *, database_url: str | None = None) -> Starlette:
+    """The receiver app. ``database_url`` overrides settings (``serve`` passes the embedded one)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        url = database_url or resolve_database_url(settings)[0]
+        engine = create_engine(url, pool_size=settings.db_pool_size)
+        app.state.resources = Resources(settings=settings, engine=engine)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    return Starlette(
+        routes=_routes(),
+        lifespan=lifespan,
+        exception_handlers={
+            ReceiverError: _receiver_error,
+            OperationalError: _database_down,
+            InterfaceError: _database_down,
+            DBAPIError: _database_down,
+            OSError: _database_down,
+        },
+    )

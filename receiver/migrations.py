@@ -1,0 +1,53 @@
+"""Running Alembic from the receiver: upgrade to head, and tell whether a database is at head."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from alembic import command
+
+# The revisions live beside the package in the source tree (alembic/ at the project root).
+ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.attributes["database_url"] = database_url
+    return config
+
+
+def head_revision() -> str | None:
+    script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
+    return script.get_current_head()
+
+
+def upgrade(database_url: str) -> None:
+    """Bring the database at ``database_url`` to the newest revision (blocking)."""
+    command.upgrade(alembic_config(database_url), "head")
+
+
+async def upgrade_async(database_url: str) -> None:
+    # env.py runs its own event loop, so migrations go to a thread when one is running.
+    await asyncio.to_thread(upgrade, database_url)
+
+
+def _current(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    async with engine.connect() as connection:
+        return await connection.run_sync(_current)
+
+
+async def schema_is_current(engine: AsyncEngine) -> bool:
+    """True when the database's revision is this code's head revision."""
+    return await current_revision(engine) == head_revision()

@@ -1,0 +1,44 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from receiver.app import resources
+from receiver.migrations import current_revision, head_revision
+from receiver.responses import ORJSONResponse
+
+
+async def healthz(request: Request) -> Response:
+    """The process is up; touches nothing else."""
+    return ORJSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when the database answers and its schema is at this code's head revision."""
+    engine = resources(request).engine
+    head = head_revision()
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        current = await current_revision(engine)
+    except Exception as exc:  # any failure to reach the database means not ready
+        return ORJSONResponse(
+            {"status": "unavailable", "database": "unreachable", "detail": str(exc)[:200]},
+            status_code=503,
+        )
+    if current != head:
+        return ORJSONResponse(
+            {"status": "unavailable", "database": "ok", "schema": current, "head": head},
+            status_code=503,
+        )
+    return ORJSONResponse({"status": "ok", "database": "ok", "schema": current})
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

@@ -1,0 +1,65 @@
+"""``POST /webhooks/runflow``: read the body under the cap, hand it to ``receiver.ingest``."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from receiver import ingest
+from receiver.app import resources
+from receiver.errors import PayloadTooLarge
+from receiver.ingest import RawDelivery
+from receiver.responses import ORJSONResponse
+from receiver.store import ArchiveEntry
+
+log = logging.getLogger(__name__)
+
+
+async def read_capped(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def receive_runflow(request: Request) -> Response:
+    res = resources(request)
+    received_at = datetime.now(UTC)
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    body = await read_capped(request, res.settings.max_body_bytes)
+    if body is None:
+        error = PayloadTooLarge(f"body exceeds {res.settings.max_body_bytes} bytes")
+        entry = ArchiveEntry(
+            received_at=received_at,
+            signature="unchecked",
+            request_id=headers.get("runflow-request-id"),
+            headers={k: headers[k] for k in ingest.KEPT_HEADERS if k in headers},
+            content_type=headers.get("content-type"),
+        )
+        raise await ingest.archive_rejection(res.engine, entry, error, keep_body=False)
+    result = await ingest.receive(
+        res.engine, res.settings, RawDelivery(body=body, headers=headers, received_at=received_at)
+    )
+    content: dict[str, object] = {"status": result.outcome, "delivery_id": result.delivery_id}
+    if result.batch_id is not None:
+        content["batch_id"] = result.batch_id
+    else:
+        content["run_id"] = result.run_id
+    if result.duplicate_of is not None:
+        content["duplicate_of"] = result.duplicate_of
+    return ORJSONResponse(content)
+
+
+routes = [Route("/webhooks/runflow", receive_runflow, methods=["POST"])]

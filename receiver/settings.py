@@ -1,0 +1,74 @@
+"""Settings, read once from the environment (prefix ``RECEIVER_``) and passed down explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of the receiver; SPEC section 4 names the public ones."""
+
+    model_config = SettingsConfigDict(env_prefix="RECEIVER_", extra="ignore", frozen=True)
+
+    database_url: str | None = None
+    data_dir: Path = Path(".receiver")
+    signing_secrets: CommaList = Field(default_factory=list)
+    allow_unsigned: bool = False
+    api_tokens: CommaList = Field(default_factory=list)
+    max_body_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    runflow_api_url: str = "https://api.runflow.io"
+    runflow_api_key: str | None = None
+    runflow_org_id: str | None = None
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["json", "console"] = "console"
+    # Pool size per worker process; two workers x this must stay under max_connections.
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+
+    @field_validator("signing_secrets", "api_tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("postgresql://", "postgres://", "postgresql+asyncpg://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+
+class ConfigError(Exception):
+    """Configuration that stops start-up; the message is one line for the operator."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, turning validation errors into one clear line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "RECEIVER_" + "_".join(str(part) for part in error["loc"]).upper()
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("bad configuration: " + "; ".join(problems)) from None

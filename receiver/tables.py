@@ -1,0 +1,202 @@
+"""Table models: the schema Alembic revisions are reviewed against.
+
+The ingest hot path writes these with SQLAlchemy Core (see ``receiver.store``); the ORM view is
+for ordinary queries. ``deliveries`` is keyed by ``(id, received_at)`` so it can be
+range-partitioned by received time later without changing its key.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    Numeric,
+    SmallInteger,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+
+def _ts(*, nullable: bool = True, default_now: bool = False) -> Any:
+    return Field(
+        default=None,
+        sa_column=Column(
+            DateTime(timezone=True),
+            nullable=nullable,
+            server_default=text("now()") if default_now else None,
+        ),
+    )
+
+
+def _json() -> Any:
+    return Field(default=None, sa_column=Column(JSONB, nullable=True))
+
+
+class Run(SQLModel, table=True):
+    """The current state of one Runflow run, folded from every delivery that touched it."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        Index("ix_runs_created_at_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_runs_client_ref", "client_ref"),
+        Index("ix_runs_batch_id", "batch_id"),
+    )
+
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    org_id: str | None = Field(default=None, sa_column=Column(Text))
+    status: str | None = Field(default=None, sa_column=Column(Text))
+    event: str | None = Field(default=None, sa_column=Column(Text))
+    target_type: str | None = Field(default=None, sa_column=Column(Text))
+    model: str | None = Field(default=None, sa_column=Column(Text))
+    model_id: str | None = Field(default=None, sa_column=Column(Text))
+    flow_id: str | None = Field(default=None, sa_column=Column(Text))
+    comfyui_workflow_id: str | None = Field(default=None, sa_column=Column(Text))
+    batch_id: str | None = Field(default=None, sa_column=Column(Text))
+    client_ref: str | None = Field(default=None, sa_column=Column(Text))
+    source: str | None = Field(default=None, sa_column=Column(Text))
+    failure_code: str | None = Field(default=None, sa_column=Column(Text))
+    failure_message: str | None = Field(default=None, sa_column=Column(Text))
+    failure_stage: str | None = Field(default=None, sa_column=Column(Text))
+    duration_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
+    cost: Decimal | None = Field(default=None, sa_column=Column(Numeric))
+    cost_breakdown: Any = _json()
+    created_at: datetime | None = _ts()
+    started_at: datetime | None = _ts()
+    completed_at: datetime | None = _ts()
+    input: Any = _json()
+    output: Any = _json()
+    metadata_: Any = Field(default=None, sa_column=Column("metadata", JSONB, nullable=True))
+    first_received_at: datetime | None = _ts(nullable=False, default_now=True)
+    last_received_at: datetime | None = _ts(nullable=False, default_now=True)
+    delivery_count: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
+    updated_at: datetime | None = _ts(nullable=False, default_now=True)
+
+
+class Delivery(SQLModel, table=True):
+    """Every request to the webhook: the archive that makes replays and audits possible."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_run_id", "run_id", "received_at"),
+        Index("ix_deliveries_batch_id", "batch_id", "received_at"),
+        Index("ix_deliveries_outcome", "outcome", text("received_at DESC"), text("id DESC")),
+        Index("ix_deliveries_received", text("received_at DESC"), text("id DESC")),
+    )
+
+    id: int = Field(
+        sa_column=Column(BigInteger, Identity(always=False), primary_key=True, nullable=False)
+    )
+    received_at: datetime = Field(
+        sa_column=Column(
+            DateTime(timezone=True), primary_key=True, nullable=False, server_default=text("now()")
+        )
+    )
+    request_id: str | None = Field(default=None, sa_column=Column(Text))
+    headers: Any = _json()
+    content_type: str | None = Field(default=None, sa_column=Column(Text))
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    body_sha256: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+    body_size: int | None = Field(default=None, sa_column=Column(BigInteger))
+    signature: str = Field(sa_column=Column(Text, nullable=False))
+    outcome: str = Field(sa_column=Column(Text, nullable=False))
+    cause: str | None = Field(default=None, sa_column=Column(Text))
+    cause_detail: Any = _json()
+    kind: str | None = Field(default=None, sa_column=Column(Text))
+    run_id: str | None = Field(default=None, sa_column=Column(Text))
+    batch_id: str | None = Field(default=None, sa_column=Column(Text))
+    duplicate_of: int | None = Field(default=None, sa_column=Column(BigInteger))
+    replay_count: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
+    replayed_at: datetime | None = _ts()
+
+
+class DeliveryFingerprint(SQLModel, table=True):
+    """The SHA-256 of every accepted body: how the same bytes twice are told apart."""
+
+    __tablename__ = "delivery_fingerprints"
+
+    body_sha256: bytes = Field(sa_column=Column(LargeBinary, primary_key=True))
+    delivery_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class RunPatchRow(SQLModel, table=True):
+    """What one stored delivery said about one run; the merge folds these in rank order."""
+
+    __tablename__ = "run_patches"
+
+    run_id: str = Field(sa_column=Column(Text, primary_key=True))
+    delivery_id: int = Field(sa_column=Column(BigInteger, primary_key=True))
+    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    precedence: int = Field(sa_column=Column(SmallInteger, nullable=False))
+    patch: Any = Field(sa_column=Column(JSONB, nullable=False))
+
+
+class NodeRun(SQLModel, table=True):
+    __tablename__ = "node_runs"
+    __table_args__ = (Index("ix_node_runs_run_id", "run_id"),)
+
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    run_id: str = Field(sa_column=Column(Text, nullable=False))
+    node_id: str | None = Field(default=None, sa_column=Column(Text))
+    node_type: str | None = Field(default=None, sa_column=Column(Text))
+    status: str | None = Field(default=None, sa_column=Column(Text))
+    failure_code: str | None = Field(default=None, sa_column=Column(Text))
+    failure_message: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime | None = _ts()
+    started_at: datetime | None = _ts()
+    completed_at: datetime | None = _ts()
+    duration_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
+    data: Any = _json()
+    updated_at: datetime | None = _ts(nullable=False, default_now=True)
+
+
+class RunLog(SQLModel, table=True):
+    __tablename__ = "run_logs"
+    __table_args__ = (Index("ix_run_logs_run_id", "run_id", "logged_at"),)
+
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    run_id: str = Field(sa_column=Column(Text, nullable=False))
+    node_run_id: str | None = Field(default=None, sa_column=Column(Text))
+    level: str | None = Field(default=None, sa_column=Column(Text))
+    message: str | None = Field(default=None, sa_column=Column(Text))
+    logged_at: datetime | None = _ts()
+    data: Any = _json()
+
+
+class Batch(SQLModel, table=True):
+    __tablename__ = "batches"
+
+    id: str = Field(sa_column=Column(Text, primary_key=True))
+    event: str | None = Field(default=None, sa_column=Column(Text))
+    status: str | None = Field(default=None, sa_column=Column(Text))
+    succeeded: int | None = Field(default=None, sa_column=Column(Integer))
+    failed: int | None = Field(default=None, sa_column=Column(Integer))
+    cancelled: int | None = Field(default=None, sa_column=Column(Integer))
+    total: int | None = Field(default=None, sa_column=Column(Integer))
+    duration_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
+    created_at: datetime | None = _ts()
+    completed_at: datetime | None = _ts()
+    metadata_: Any = Field(default=None, sa_column=Column("metadata", JSONB, nullable=True))
+    precedence: int = Field(
+        default=-1, sa_column=Column(SmallInteger, nullable=False, server_default="-1")
+    )
+    first_received_at: datetime | None = _ts(nullable=False, default_now=True)
+    last_received_at: datetime | None = _ts(nullable=False, default_now=True)
+    delivery_count: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )

@@ -1,0 +1,115 @@
+"""Test fixtures on a real PostgreSQL.
+
+Which server: ``RECEIVER_TEST_DATABASE_URL`` (or ``RECEIVER_DATABASE_URL``) when set, else an
+embedded server started for the session. Either way the session creates a database of its own,
+migrates it with Alembic, and empties every table before each test that asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+
+from receiver.app import create_app
+from receiver.db import create_engine, plain_url, start_embedded
+from receiver.migrations import upgrade
+from receiver.settings import Settings
+from tests.builders import API_TOKEN, SIGNING_SECRET
+
+
+def _with_database(url: str, name: str) -> str:
+    base, sep, query = plain_url(url).partition("?")
+    return base.rsplit("/", 1)[0] + "/" + name + (sep + query if sep else "")
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A URL of a PostgreSQL server where this session may create a database."""
+    url = os.environ.get("RECEIVER_TEST_DATABASE_URL") or os.environ.get("RECEIVER_DATABASE_URL")
+    if url:
+        yield plain_url(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="receiver-test-") as data_dir:
+        yield start_embedded(Path(data_dir))
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session, dropped at the end."""
+    import asyncio
+
+    name = f"rftest_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(plain_url(server_url))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = _with_database(server_url, name)
+    upgrade(url)
+    yield url
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    eng = create_engine(database_url, pool_size=5)
+    yield eng
+    await eng.dispose()
+
+
+async def truncate_all(url: str) -> None:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'alembic_version'"
+        )
+        if tables:
+            names = ", ".join(f'"{row["tablename"]}"' for row in tables)
+            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(database_url: str, engine: AsyncEngine) -> AsyncEngine:
+    """The session's engine on an empty database."""
+    await truncate_all(database_url)
+    return engine
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        signing_secrets=[SIGNING_SECRET],
+        api_tokens=[API_TOKEN],
+        runflow_api_key=None,
+    )
+
+
+@pytest.fixture
+async def app(db: AsyncEngine, settings: Settings) -> AsyncIterator[Starlette]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://receiver.test") as c:
+        yield c
