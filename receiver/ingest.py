@@ -17,6 +17,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver import store
+from receiver.db import driver_connection
 from receiver.errors import (
     InvalidJson,
     InvalidPayload,
@@ -108,8 +109,7 @@ async def archive_rejection(
     engine: AsyncEngine, entry: ArchiveEntry, error: ReceiverError, *, keep_body: bool = True
 ) -> ReceiverError:
     """Keep a rejected request with its cause; returns the error, now carrying the delivery id."""
-    async with engine.connect() as sa_conn:
-        conn = (await sa_conn.get_raw_connection()).driver_connection
+    async with driver_connection(engine) as conn:
         error.delivery_id = await store.insert_delivery(
             conn,
             entry,
@@ -125,7 +125,7 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
     """Handle one webhook request end to end. Raises ReceiverError (already archived)."""
     signature = signature_status(settings, raw.body, raw.headers.get("runflow-signature"))
     if signature is None:
-        error = InvalidSignature(
+        refusal = InvalidSignature(
             "missing or invalid Runflow-Signature"
             if settings.signing_secrets
             else "no signing secret is configured and unsigned deliveries are not allowed"
@@ -137,7 +137,7 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         )
         # Anyone can send these: count them, never keep their bodies.
         raise await archive_rejection(
-            engine, archive_entry(raw, "invalid", keep_body=False), error, keep_body=False
+            engine, archive_entry(raw, "invalid", keep_body=False), refusal, keep_body=False
         )
     entry = archive_entry(raw, signature, keep_body=True)
     try:
@@ -146,12 +146,12 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         raise await archive_rejection(engine, entry, error) from None
     result = await store_parsed(engine, entry, parsed)
     if result.outcome == "rejected":
-        error = InvalidPayload(
+        rejection = InvalidPayload(
             (result.cause_detail or {}).get("message", "payload rejected"),
             (result.cause_detail or {}).get("details", []),
         )
-        error.delivery_id = result.delivery_id
-        raise error
+        rejection.delivery_id = result.delivery_id
+        raise rejection
     return result
 
 
@@ -163,10 +163,8 @@ async def store_parsed(
     replay_of: int | None = None,
 ) -> StoreResult:
     """Archive and merge a valid payload in one transaction; ``replay_of`` updates that row."""
-    async with engine.connect() as sa_conn:
-        conn = (await sa_conn.get_raw_connection()).driver_connection
-        async with conn.transaction():
-            return await _store(conn, entry, parsed, replay_of)
+    async with driver_connection(engine) as conn, conn.transaction():
+        return await _store(conn, entry, parsed, replay_of)
 
 
 async def _store(
@@ -237,8 +235,7 @@ async def _store(
 
 async def replay(engine: AsyncEngine, delivery_id: int) -> StoreResult:
     """Run a kept delivery through parsing and merging again; returns the new outcome."""
-    async with engine.connect() as sa_conn:
-        conn = (await sa_conn.get_raw_connection()).driver_connection
+    async with driver_connection(engine) as conn:
         row = await conn.fetchrow(
             "SELECT id, received_at, body, content_type, signature, outcome, run_id, batch_id,"
             " duplicate_of FROM deliveries WHERE id = $1",
@@ -275,8 +272,7 @@ async def replay(engine: AsyncEngine, delivery_id: int) -> StoreResult:
             cause=error.code,
             cause_detail={"message": error.message, "details": error.details},
         )
-        async with engine.connect() as sa_conn:
-            conn = (await sa_conn.get_raw_connection()).driver_connection
+        async with driver_connection(engine) as conn:
             await store.update_delivery(conn, delivery_id, result, None)
         return result
     return await store_parsed(engine, entry, parsed, replay_of=delivery_id)

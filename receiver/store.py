@@ -28,7 +28,7 @@ _JSON_FIELDS = frozenset({"cost_breakdown", "input", "output", "metadata"})
 
 
 def json_text(value: Any) -> str | None:
-    """JSON text for a jsonb parameter (asyncpg's jsonb codec, as SQLAlchemy sets it, takes text)."""
+    """JSON text for a jsonb parameter: the jsonb codec SQLAlchemy installs takes text."""
     if value is None:
         return None
     return orjson.dumps(value, default=str).decode()
