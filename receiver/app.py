@@ -11,7 +11,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+import asyncpg
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -51,8 +53,28 @@ async def _receiver_error(request: Request, exc: Exception) -> Response:
 
 
 async def _database_down(request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable: %s", exc)
+    log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
     return error_response(Unavailable("storage is unavailable; retry later"))
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(ReceiverError("internal error; the request was not processed"))
+
+
+# What "the database cannot be reached right now" looks like, through SQLAlchemy's pool or
+# straight from the asyncpg connection the ingest path uses. Answered 503 + Retry-After.
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeout,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    OSError,
+    TimeoutError,
+)
 
 
 def create_app(settings: Settings, *, database_url: str | None = None) -> Starlette:
@@ -73,9 +95,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> Starle
         lifespan=lifespan,
         exception_handlers={
             ReceiverError: _receiver_error,
-            OperationalError: _database_down,
-            InterfaceError: _database_down,
-            DBAPIError: _database_down,
-            OSError: _database_down,
+            **dict.fromkeys(DATABASE_DOWN, _database_down),
+            Exception: _internal_error,
         },
     )

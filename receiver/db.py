@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from receiver.settings import Settings
@@ -20,6 +21,14 @@ from receiver.settings import Settings
 log = logging.getLogger(__name__)
 
 EMBEDDED_DATABASE = "postgres"
+
+# What a connection the server has dropped raises when used next.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    ConnectionError,
+)
 
 
 def async_url(url: str) -> str:
@@ -86,4 +95,11 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
         pooled = await sa_conn.get_raw_connection()
         conn = pooled.driver_connection
         assert conn is not None
-        yield conn
+        try:
+            yield conn
+        except BaseException as exc:
+            # SQLAlchemy never sees errors raised by the driver object directly, so a dead
+            # connection must be thrown out here or the pool would keep handing it out.
+            if conn.is_closed() or isinstance(exc, CONNECTION_LOST):
+                await sa_conn.invalidate()
+            raise

@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver import store
-from receiver.db import driver_connection
+from receiver.db import CONNECTION_LOST, driver_connection
 from receiver.errors import (
     InvalidJson,
     InvalidPayload,
@@ -33,6 +33,7 @@ from receiver.signature import verify_signature
 from receiver.store import ArchiveEntry, StoreResult
 
 log = logging.getLogger(__name__)
+
 
 KEPT_HEADERS = (
     "content-type",
@@ -144,7 +145,14 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         parsed = parse_body(raw.content_type, raw.body)
     except ReceiverError as error:
         raise await archive_rejection(engine, entry, error) from None
-    result = await store_parsed(engine, entry, parsed)
+    try:
+        result = await store_parsed(engine, entry, parsed)
+    except CONNECTION_LOST as exc:
+        # A pooled connection died (database restart, failover). Trying once more on a fresh
+        # one is safe even if the first commit went through: the fingerprint makes the second
+        # attempt a duplicate, and the delivery is durable either way.
+        log.warning("connection lost while storing (%s); retrying once", type(exc).__name__)
+        result = await store_parsed(engine, entry, parsed)
     if result.outcome == "rejected":
         rejection = InvalidPayload(
             (result.cause_detail or {}).get("message", "payload rejected"),

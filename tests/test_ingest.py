@@ -309,3 +309,19 @@ async def test_body_hash_is_recorded_for_every_kept_request(client, db):
     await post_delivery(client, raw)
     [kept] = await rows(db, "SELECT body_sha256 FROM deliveries")
     assert bytes(kept["body_sha256"]) == hashlib.sha256(raw).digest()
+
+
+async def test_dropped_database_connections_do_not_lose_deliveries(client, db):
+    # Warm the pool, then have the server cut every connection of ours (as a restart would).
+    assert (await post_delivery(client, envelope("run_s1"))).status_code == 200
+    async with db.connect() as conn:
+        await conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+    responses = [await post_delivery(client, envelope(f"run_s{i}")) for i in range(2, 8)]
+    assert [r.status_code for r in responses] == [200] * 6
+    stored = await rows(db, "SELECT id FROM runs ORDER BY id")
+    assert [r["id"] for r in stored] == [f"run_s{i}" for i in range(1, 8)]
