@@ -1,9 +1,392 @@
-"""``runflow-receiver simulate``: realistic signed Runflow traffic (placeholder, being built)."""
+"""``runflow-receiver simulate``: realistic signed Runflow traffic, for demos and load.
+
+``generate_traffic`` is a pure, seeded function: the same seed gives the same bytes, so a test
+can compute what the receiver must end up storing. ``send`` posts them concurrently.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from receiver.settings import Settings
+from receiver.signature import sign
+
+MODELS = [
+    "flux-dev",
+    "flux-schnell",
+    "sdxl-turbo",
+    "sd3-medium",
+    "llama-3-70b",
+    "whisper-large",
+    "kandinsky-3",
+    "animatediff",
+]
+FAILURES = [
+    ("out_of_memory", "execution"),
+    ("model_timeout", "execution"),
+    ("nsfw_blocked", "execution"),
+    ("invalid_input", "dispatch"),
+    ("no_capacity", "dispatch"),
+    ("quota_exceeded", "dispatch"),
+    ("callback_unreachable", "callback"),
+    ("callback_timeout", "callback"),
+    ("lost_worker", "reconciliation"),
+    ("stale_run", "reconciliation"),
+]
+TARGETS = ["model", "model", "model", "flow", "comfyui"]
+SOURCES = ["api", "api", "playground", "flow-node"]
+_EVENT = {
+    "succeeded": "run.completed",
+    "failed": "run.failed",
+    "cancelled": "run.cancelled",
+    "partial_succeeded": "run.partial_succeeded",
+}
+
+
+@dataclass(frozen=True)
+class SimDelivery:
+    """One request to send: its exact bytes and what it is about."""
+
+    body: bytes
+    run_id: str | None
+    batch_id: str | None = None
+    kind: str = "run_envelope"
+
+
+def _stamp(rng: random.Random, moment: datetime) -> str:
+    # Runflow sends +00:00 offsets, sometimes without fractional seconds.
+    if rng.random() < 0.5:
+        return moment.replace(microsecond=0).isoformat()
+    return moment.isoformat()
+
+
+@dataclass
+class _Run:
+    id: str
+    status: str
+    model: str
+    target: str
+    source: str
+    created: datetime
+    duration_ms: int
+    client_ref: str
+    failure: tuple[str, str] | None
+    batch_id: str | None = None
+    cost: str = "0"
+    node_count: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> datetime:
+        return self.created + timedelta(milliseconds=self.duration_ms + 400)
+
+
+def _make_run(rng: random.Random, index: int, prefix: str, start: datetime) -> _Run:
+    roll = rng.random()
+    status = (
+        "succeeded"
+        if roll < 0.80
+        else "failed"
+        if roll < 0.92
+        else "cancelled"
+        if roll < 0.97
+        else "partial_succeeded"
+    )
+    target = rng.choice(TARGETS)
+    return _Run(
+        id=f"{prefix}run_{index:07d}",
+        status=status,
+        model=rng.choice(MODELS),
+        target=target,
+        source=rng.choice(SOURCES),
+        created=start + timedelta(seconds=index * 0.7, microseconds=rng.randrange(10**6)),
+        duration_ms=int(rng.lognormvariate(8.0, 0.8)),
+        client_ref=f"order-{rng.randrange(10**9):09d}",
+        failure=rng.choice(FAILURES) if status == "failed" else None,
+        cost=f"{rng.uniform(0.0005, 0.25):.6f}",
+        node_count=rng.randrange(2, 6) if target in ("flow", "comfyui") else 0,
+    )
+
+
+def _envelope(rng: random.Random, run: _Run, *, attempt: int = 1) -> dict[str, Any]:
+    status = run.status
+    output: Any
+    if status == "failed" and run.failure:
+        code, stage = run.failure
+        error = {"code": code, "message": f"{code.replace('_', ' ')}", "stage": stage}
+        output = {"error": error} if rng.random() < 0.7 else error
+    elif status == "cancelled":
+        output = None
+    else:
+        output = {"images": [f"https://cdn.example.invalid/{run.id}/{i}.png" for i in range(2)]}
+    doc: dict[str, Any] = {
+        "event": _EVENT[status],
+        "run_id": run.id,
+        "status": "canceled" if status == "cancelled" and rng.random() < 0.5 else status,
+        "output": output,
+        "duration_ms": run.duration_ms,
+        "created_at": _stamp(rng, run.created),
+        "completed_at": _stamp(rng, run.completed),
+        "metadata": {"attempt": attempt},
+    }
+    if rng.random() < 0.05:
+        # Old deliveries carry neither event nor status.
+        del doc["event"], doc["status"]
+    return doc
+
+
+def _run_object(rng: random.Random, run: _Run, *, status: str | None = None) -> dict[str, Any]:
+    status = status or run.status
+    terminal = status in _EVENT
+    failure = run.failure if status == "failed" else None
+    nodes = [
+        {
+            "id": f"{run.id}_node_{n}",
+            "node_id": f"node_{n}",
+            "node_type": rng.choice(["KSampler", "VAEDecode", "LoadImage", "llm"]),
+            "status_code": (
+                "failed"
+                if failure and n == run.node_count - 1
+                else ("succeeded" if terminal else "running")
+            ),
+            "failure_code": failure[0] if failure and n == run.node_count - 1 else None,
+            "duration_ms": run.duration_ms // max(run.node_count, 1),
+        }
+        for n in range(run.node_count)
+    ]
+    return {
+        "id": run.id,
+        "status_code": "canceled" if status == "cancelled" else status,
+        "failure_code": failure[0] if failure else None,
+        "failure_message": failure[0].replace("_", " ") if failure else None,
+        "failure_stage_code": failure[1] if failure else None,
+        "client_ref": run.client_ref,
+        "cost": run.cost if terminal else None,
+        "cost_breakdown": {"compute": run.cost} if terminal else None,
+        "node_runs": nodes,
+        "logs": [
+            {"id": f"{run.id}_log_0", "level": "error" if failure else "info", "message": status}
+        ],
+        "model": {"id": f"mdl_{run.model}", "slug": run.model},
+        "batch_id": run.batch_id,
+        "org_id": "org_demo",
+        "target_type": run.target,
+        "source_code": run.source,
+        "created_at": _stamp(rng, run.created),
+        "started_at": _stamp(rng, run.created + timedelta(milliseconds=300)),
+        "completed_at": _stamp(rng, run.completed) if terminal else None,
+        "duration_ms": run.duration_ms if terminal else None,
+    }
+
+
+def _batch(rng: random.Random, batch_id: str, runs: list[_Run]) -> dict[str, Any]:
+    counts = Counter(run.status for run in runs)
+    failed = counts["failed"]
+    event = "batch.succeeded" if failed == 0 else "batch.partial_succeeded"
+    return {
+        "event": event,
+        "batch_id": batch_id,
+        "output": {
+            "items": [
+                {"run_id": r.id, "status_code": r.status, "client_ref": r.client_ref} for r in runs
+            ],
+            "succeeded": counts["succeeded"],
+            "failed": failed,
+            "cancelled": counts["cancelled"],
+            "total": len(runs),
+        },
+        "duration_ms": max(r.duration_ms for r in runs),
+        "created_at": _stamp(rng, min(r.created for r in runs)),
+        "completed_at": _stamp(rng, max(r.completed for r in runs)),
+        "metadata": None,
+    }
+
+
+def generate_traffic(
+    *,
+    count: int,
+    seed: int = 0,
+    runs: int | None = None,
+    duplicate_rate: float = 0.05,
+    batch_rate: float = 0.02,
+    prefix: str = "sim",
+    start: datetime | None = None,
+) -> list[SimDelivery]:
+    """``count`` deliveries over ``runs`` runs (default: about count / 2), in arrival order.
+
+    Per run: the terminal callback envelope; often a Run object (sometimes a stale
+    ``running`` one, sent after the terminal one); sometimes a rebuilt redelivery with
+    different bytes; exact duplicates; and now and then a batch callback over several runs.
+    """
+    rng = random.Random(seed)
+    start = start or datetime(2026, 11, 1, tzinfo=UTC)
+    prefix = f"{prefix}{seed}_"
+    run_total = runs or max(1, count // 2)
+    all_runs = [_make_run(rng, i, prefix, start) for i in range(run_total)]
+    out: list[SimDelivery] = []
+    batch_no = 0
+
+    def add(doc: dict[str, Any], run_id: str | None, batch_id: str | None = None) -> None:
+        kind = "batch_envelope" if batch_id else ("run_object" if "id" in doc else "run_envelope")
+        out.append(SimDelivery(orjson.dumps(doc), run_id, batch_id, kind))
+
+    while len(out) < count:
+        for run in all_runs:
+            if len(out) >= count:
+                break
+            roll = rng.random()
+            if roll < 0.2:
+                # Out of order: a stale "running" Run object arrives after the terminal one.
+                add(_envelope(rng, run), run.id)
+                add(_run_object(rng, run, status="running"), run.id)
+            elif roll < 0.6:
+                add(_run_object(rng, run), run.id)
+                add(_envelope(rng, run), run.id)
+            else:
+                add(_envelope(rng, run), run.id)
+            if rng.random() < 0.1:
+                add(_envelope(rng, run, attempt=2), run.id)  # rebuilt: different bytes
+            if out and rng.random() < duplicate_rate:
+                again = out[-1]
+                out.append(SimDelivery(again.body, again.run_id, again.batch_id, again.kind))
+            if rng.random() < batch_rate:
+                members = rng.sample(all_runs, k=min(len(all_runs), rng.randrange(2, 6)))
+                batch_no += 1
+                batch_id = f"{prefix}batch_{batch_no:05d}"
+                add(_batch(rng, batch_id, members), None, batch_id)
+        # A second pass (count larger than the runs give) redelivers the same runs.
+    return out[:count]
+
+
+@dataclass
+class SendReport:
+    sent: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)
+    errors: int = 0
+    seconds: float = 0.0
+    delivery_ids: list[int] = field(default_factory=list)
+
+    @property
+    def acknowledged(self) -> int:
+        return self.outcomes["stored"] + self.outcomes["duplicate"]
+
+    @property
+    def rejected(self) -> int:
+        return self.sent - self.acknowledged - self.errors
+
+    def summary(self) -> str:
+        rate = self.sent / self.seconds if self.seconds else 0.0
+        return (
+            f"sent {self.sent}  acknowledged {self.acknowledged} "
+            f"(stored {self.outcomes['stored']}, duplicate {self.outcomes['duplicate']})  "
+            f"rejected {self.rejected}  errors {self.errors}  "
+            f"in {self.seconds:.2f}s  ({rate:.0f} deliveries/s)"
+        )
+
+
+async def send(
+    url: str,
+    deliveries: list[SimDelivery],
+    *,
+    secret: str | None,
+    concurrency: int = 16,
+    request_seconds: float = 30.0,
+) -> SendReport:
+    """POST every delivery, at most ``concurrency`` at a time; never retries."""
+    report = SendReport()
+    queue: asyncio.Queue[SimDelivery] = asyncio.Queue()
+    for delivery in deliveries:
+        queue.put_nowait(delivery)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(client: httpx.AsyncClient, number: int) -> None:
+        while not queue.empty():
+            delivery = queue.get_nowait()
+            headers = {
+                "content-type": "application/json",
+                "runflow-request-id": f"sim-{number}-{report.sent}",
+            }
+            if secret:
+                headers["runflow-signature"] = sign(delivery.body, secret)
+            report.sent += 1
+            try:
+                response = await client.post(url, content=delivery.body, headers=headers)
+            except httpx.HTTPError:
+                report.errors += 1
+                continue
+            report.statuses[response.status_code] += 1
+            if response.status_code == 200:
+                answer = response.json()
+                report.outcomes[answer["status"]] += 1
+                report.delivery_ids.append(answer["delivery_id"])
+            elif response.status_code >= 500:
+                report.errors += 1
+            else:
+                report.outcomes["rejected"] += 1
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(limits=limits, timeout=request_seconds) as client:
+        await asyncio.gather(*(worker(client, n) for n in range(concurrency)))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _secret(args: argparse.Namespace, settings: Settings) -> str | None:
+    if args.secret:
+        return str(args.secret)
+    if settings.signing_secrets:
+        return settings.signing_secrets[0]
+    kept = Path(settings.data_dir) / "signing_secret"
+    if kept.exists():
+        return kept.read_text().strip()
+    return None
+
+
+def run_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    secret = _secret(args, settings)
+    if secret is None:
+        print(
+            "simulate: no signing secret (pass --secret, set RECEIVER_SIGNING_SECRETS, "
+            "or run it where serve keeps its data directory); sending unsigned",
+            file=sys.stderr,
+        )
+    traffic = generate_traffic(
+        count=args.count,
+        seed=args.seed,
+        runs=args.runs,
+        duplicate_rate=args.duplicate_rate,
+        batch_rate=args.batch_rate,
+        prefix=args.prefix,
+    )
+    report = asyncio.run(send(args.url, traffic, secret=secret, concurrency=args.concurrency))
+    print(report.summary())
+    return 0 if report.acknowledged == report.sent else 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    sub.add_parser("simulate", help="send realistic signed Runflow callbacks to a URL")
+    parser = sub.add_parser("simulate", help="send realistic signed Runflow callbacks to a URL")
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8000/webhooks/runflow", help="webhook URL"
+    )
+    parser.add_argument("--count", type=int, default=500, help="deliveries to send")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    parser.add_argument("--runs", type=int, default=None, help="distinct runs (default count/2)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    parser.add_argument("--secret", default=None, help="signing secret (default: configured)")
+    parser.add_argument("--duplicate-rate", type=float, default=0.05)
+    parser.add_argument("--batch-rate", type=float, default=0.02)
+    parser.add_argument("--prefix", default="sim", help="run id prefix")
+    parser.set_defaults(handler=run_simulate)
