@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 import time
@@ -297,49 +298,122 @@ class SendReport:
         )
 
 
+class _Http11:
+    """A minimal keep-alive HTTP/1.1 client for plain http:// URLs.
+
+    httpx costs more CPU per request than the receiver does, so on a small machine it, not the
+    server, would set the pace of a load test.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            fresh = self.writer is None
+            if fresh:
+                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            try:
+                return await self._exchange(path, body, headers)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await self.close()
+                # A kept-alive connection the server closed while idle: send again, once.
+                if fresh or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        assert self.reader is not None and self.writer is not None
+        head = [f"POST {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
+        head += [f"{name}: {value}" for name, value in headers.items()]
+        head.append(f"Content-Length: {len(body)}")
+        self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("connection closed before the response")
+        status = int(status_line.split()[1])
+        length, chunked, close = 0, False, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value:
+                chunked = True
+            elif name == "connection" and value == "close":
+                close = True
+        if chunked:
+            parts = []
+            while size := int((await self.reader.readline()).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readline()
+            await self.reader.readline()
+            payload = b"".join(parts)
+        else:
+            payload = await self.reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, payload
+
+
 async def send(
     url: str,
     deliveries: list[SimDelivery],
     *,
     secret: str | None,
     concurrency: int = 16,
-    request_seconds: float = 30.0,
 ) -> SendReport:
-    """POST every delivery, at most ``concurrency`` at a time; never retries."""
+    """POST every delivery over ``concurrency`` keep-alive connections; never retries."""
+    target = httpx.URL(url)
+    if target.scheme != "http":
+        raise ValueError("simulate sends to http:// URLs on this machine or network")
     report = SendReport()
     queue: asyncio.Queue[SimDelivery] = asyncio.Queue()
     for delivery in deliveries:
         queue.put_nowait(delivery)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    path = target.raw_path.decode("ascii")
 
-    async def worker(client: httpx.AsyncClient, number: int) -> None:
-        while not queue.empty():
-            delivery = queue.get_nowait()
-            headers = {
-                "content-type": "application/json",
-                "runflow-request-id": f"sim-{number}-{report.sent}",
-            }
-            if secret:
-                headers["runflow-signature"] = sign(delivery.body, secret)
-            report.sent += 1
-            try:
-                response = await client.post(url, content=delivery.body, headers=headers)
-            except httpx.HTTPError:
-                report.errors += 1
-                continue
-            report.statuses[response.status_code] += 1
-            if response.status_code == 200:
-                answer = response.json()
-                report.outcomes[answer["status"]] += 1
-                report.delivery_ids.append(answer["delivery_id"])
-            elif response.status_code >= 500:
-                report.errors += 1
-            else:
-                report.outcomes["rejected"] += 1
+    async def worker(number: int) -> None:
+        connection = _Http11(target.host, target.port or 80)
+        try:
+            while not queue.empty():
+                delivery = queue.get_nowait()
+                headers = {
+                    "Content-Type": "application/json",
+                    "Runflow-Request-Id": f"sim-{number}-{report.sent}",
+                }
+                if secret:
+                    headers["Runflow-Signature"] = sign(delivery.body, secret)
+                report.sent += 1
+                try:
+                    status, payload = await connection.post(path, delivery.body, headers)
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    report.errors += 1
+                    continue
+                report.statuses[status] += 1
+                if status == 200:
+                    answer = orjson.loads(payload)
+                    report.outcomes[answer["status"]] += 1
+                    report.delivery_ids.append(answer["delivery_id"])
+                elif status >= 500:
+                    report.errors += 1
+                else:
+                    report.outcomes["rejected"] += 1
+        finally:
+            await connection.close()
 
     started = time.perf_counter()
-    async with httpx.AsyncClient(limits=limits, timeout=request_seconds) as client:
-        await asyncio.gather(*(worker(client, n) for n in range(concurrency)))
+    await asyncio.gather(*(worker(n) for n in range(concurrency)))
     report.seconds = time.perf_counter() - started
     return report
 
