@@ -16,12 +16,13 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute
 
 from receiver.db import create_engine, resolve_database_url
-from receiver.errors import ReceiverError, Unavailable
+from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailable
 from receiver.responses import error_response
 from receiver.settings import Settings
 
@@ -42,14 +43,29 @@ def resources(request: Request) -> Resources:
 
 
 def _routes() -> list[BaseRoute]:
-    from receiver.routes import health, webhooks
+    from receiver import openapi
+    from receiver.routes import analytics, health, runs, webhooks
 
-    return [*webhooks.routes, *health.routes]
+    return [*webhooks.routes, *health.routes, *runs.routes, *analytics.routes, *openapi.routes]
 
 
 async def _receiver_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ReceiverError)
     return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: ReceiverError
+    if exc.status_code == 404:
+        error = NotFound(f"no route {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+    else:
+        error = ReceiverError(exc.detail)
+    response = error_response(error)
+    response.headers.update(exc.headers or {})
+    return response
 
 
 async def _database_down(request: Request, exc: Exception) -> Response:
@@ -95,6 +111,7 @@ def create_app(settings: Settings, *, database_url: str | None = None) -> Starle
         lifespan=lifespan,
         exception_handlers={
             ReceiverError: _receiver_error,
+            HTTPException: _http_error,
             **dict.fromkeys(DATABASE_DOWN, _database_down),
             Exception: _internal_error,
         },

@@ -4,6 +4,7 @@
     ├── InvalidSignature        401 invalid_signature
     ├── Unauthorized            401 unauthorized
     ├── NotFound                404 not_found
+    ├── MethodNotAllowed        405 method_not_allowed
     ├── PayloadTooLarge         413 payload_too_large
     ├── UnsupportedMediaType    415 unsupported_media_type
     ├── InvalidJson             400 invalid_json
@@ -57,6 +58,11 @@ class Unauthorized(ReceiverError):
 class NotFound(ReceiverError):
     status_code = 404
     code = "not_found"
+
+
+class MethodNotAllowed(ReceiverError):
+    status_code = 405
+    code = "method_not_allowed"
 
 
 class PayloadTooLarge(ReceiverError):

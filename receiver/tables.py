@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
+    Computed,
     DateTime,
     Identity,
     Index,
@@ -47,11 +48,7 @@ class Run(SQLModel, table=True):
     """The current state of one Runflow run, folded from every delivery that touched it."""
 
     __tablename__ = "runs"
-    __table_args__ = (
-        Index("ix_runs_created_at_id", text("created_at DESC"), text("id DESC")),
-        Index("ix_runs_client_ref", "client_ref"),
-        Index("ix_runs_batch_id", "batch_id"),
-    )
+    # Indexes: see alembic/versions/0002_query_indexes.py (one per /runs filter).
 
     id: str = Field(sa_column=Column(Text, primary_key=True))
     org_id: str | None = Field(default=None, sa_column=Column(Text))
@@ -83,6 +80,14 @@ class Run(SQLModel, table=True):
         default=0, sa_column=Column(Integer, nullable=False, server_default="0")
     )
     updated_at: datetime | None = _ts(nullable=False, default_now=True)
+    sort_at: datetime | None = Field(
+        default=None,
+        sa_column=Column(
+            DateTime(timezone=True),
+            Computed("COALESCE(created_at, first_received_at)", persisted=True),
+            nullable=False,
+        ),
+    )
 
 
 class Delivery(SQLModel, table=True):

@@ -7,9 +7,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from receiver.apidoc import Operation
 from receiver.app import resources
 from receiver.migrations import current_revision, head_revision
 from receiver.responses import ORJSONResponse
+from receiver.schemas import Health
 
 
 async def healthz(request: Request) -> Response:
@@ -38,6 +40,16 @@ async def readyz(request: Request) -> Response:
     return ORJSONResponse({"status": "ok", "database": "ok", "schema": current})
 
 
+operations = [
+    Operation("/healthz", "get", "The process is up", {200: Health}, authenticated=False),
+    Operation(
+        "/readyz",
+        "get",
+        "The database answers and its schema is at head",
+        {200: Health, 503: Health},
+        authenticated=False,
+    ),
+]
 routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),

@@ -10,10 +10,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver import ingest
+from receiver.apidoc import Operation, Param
 from receiver.app import resources
 from receiver.errors import PayloadTooLarge
 from receiver.ingest import RawDelivery
 from receiver.responses import ORJSONResponse
+from receiver.schemas import ErrorBody, IngestAnswer
 from receiver.store import ArchiveEntry
 
 log = logging.getLogger(__name__)
@@ -62,4 +64,34 @@ async def receive_runflow(request: Request) -> Response:
     return ORJSONResponse(content)
 
 
+INGEST = Operation(
+    "/webhooks/runflow",
+    "post",
+    "Receive a Runflow callback (envelope, batch callback or Run object), signed with"
+    " Runflow-Signature; answered 2xx only once the delivery is durable",
+    {
+        200: IngestAnswer,
+        400: ErrorBody,
+        401: ErrorBody,
+        413: ErrorBody,
+        415: ErrorBody,
+        422: ErrorBody,
+        503: ErrorBody,
+    },
+    (
+        Param(
+            "Runflow-Signature",
+            {"type": "string"},
+            "lowercase hex HMAC-SHA256 of the raw body, keyed with the callback secret",
+            location="header",
+        ),
+    ),
+    authenticated=False,
+    request_body={
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    tags=("ingest",),
+)
+operations = [INGEST]
 routes = [Route("/webhooks/runflow", receive_runflow, methods=["POST"])]

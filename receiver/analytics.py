@@ -1,0 +1,169 @@
+"""The analytics queries: failure breakdowns, time series, duration percentiles and costs.
+
+All of them read the runs table within ``[created_after, created_before)`` on ``sort_at``
+(created_at, or first received when Runflow never said), through the indexes of revision 0002.
+Percentiles are exact: ``percentile_disc``, the nearest-rank value actually observed.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from receiver.db import driver_connection
+from receiver.errors import InvalidQuery
+from receiver.payloads import TERMINAL_STATUSES
+from receiver.queries import Where, run_filters
+from receiver.queryparams import DIMENSIONS, RunFilters
+
+BUCKETS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
+MAX_BUCKETS = 1500
+PERCENTILES = (("p50_ms", 0.5), ("p90_ms", 0.9), ("p95_ms", 0.95), ("p99_ms", 0.99))
+
+
+def _select_dims(group_by: list[str]) -> str:
+    return "".join(f"{DIMENSIONS[name]} AS {name}, " for name in group_by)
+
+
+def _group_clause(group_by: list[str]) -> str:
+    return ("GROUP BY " + ", ".join(DIMENSIONS[n] for n in group_by)) if group_by else ""
+
+
+async def _fetch(engine: AsyncEngine, sql: str, args: list[Any]) -> list[Any]:
+    async with driver_connection(engine) as conn:
+        return list(await conn.fetch(sql, *args))
+
+
+async def failures(engine: AsyncEngine, filters: RunFilters, group_by: list[str]) -> dict[str, Any]:
+    where = run_filters(filters)
+    totals = await _fetch(
+        engine,
+        "SELECT count(*) AS total, count(*) FILTER (WHERE status = 'failed') AS failed"
+        f" FROM runs WHERE {where.sql()}",
+        where.args,
+    )
+    failed_where = run_filters(filters)
+    failed_where.add("status = {}", "failed")
+    rows = await _fetch(
+        engine,
+        f"SELECT {_select_dims(group_by)}count(*) AS count FROM runs"
+        f" WHERE {failed_where.sql()} {_group_clause(group_by)}"
+        " ORDER BY count DESC" + "".join(f", {n} NULLS LAST" for n in group_by),
+        failed_where.args,
+    )
+    failed = int(totals[0]["failed"])
+    groups = []
+    for row in rows:
+        group = {name: row[name] for name in group_by}
+        group["count"] = int(row["count"])
+        group["share"] = row["count"] / failed if failed else 0.0
+        groups.append(group)
+    return {"total_runs": int(totals[0]["total"]), "failed_runs": failed, "groups": groups}
+
+
+def bucket_starts(bucket: str, after: datetime, before: datetime) -> list[datetime]:
+    """Every bucket start from the one holding ``after`` up to before ``before``."""
+    step = BUCKETS[bucket]
+    if bucket == "day":
+        start = after.replace(hour=0, minute=0, second=0, microsecond=0)
+    elif bucket == "hour":
+        start = after.replace(minute=0, second=0, microsecond=0)
+    else:
+        start = after.replace(second=0, microsecond=0)
+    count = -(-(before - start) // step)  # ceiling division of timedeltas
+    if count > MAX_BUCKETS:
+        raise InvalidQuery(
+            f"the window holds {count} {bucket} buckets; at most {MAX_BUCKETS}: "
+            "use a larger bucket or a shorter window",
+            [{"param": "bucket", "value": bucket}],
+        )
+    return [start + i * step for i in range(count)]
+
+
+async def timeseries(
+    engine: AsyncEngine, filters: RunFilters, bucket: str, group_by: list[str]
+) -> dict[str, Any]:
+    assert filters.created_after is not None and filters.created_before is not None
+    starts = bucket_starts(bucket, filters.created_after, filters.created_before)
+    where = run_filters(filters)
+    counts = ", ".join(
+        f"count(*) FILTER (WHERE status = '{status}') AS {status}" for status in TERMINAL_STATUSES
+    )
+    rows = await _fetch(
+        engine,
+        f"SELECT date_trunc('{bucket}', sort_at, 'UTC') AS ts, {_select_dims(group_by)}"
+        f"count(*) AS total, {counts} FROM runs WHERE {where.sql()}"
+        f" GROUP BY 1{''.join(f', {DIMENSIONS[n]}' for n in group_by)}",
+        where.args,
+    )
+    series: dict[tuple[Any, ...], dict[datetime, Any]] = {}
+    for row in rows:
+        key = tuple(row[name] for name in group_by)
+        series.setdefault(key, {})[row["ts"]] = row
+    if not group_by:
+        series.setdefault((), {})
+    out = []
+    for key in sorted(series, key=lambda k: tuple((v is None, v or "") for v in k)):
+        points = []
+        for ts in starts:
+            row = series[key].get(ts)
+            point: dict[str, Any] = {"ts": ts, "total": int(row["total"]) if row else 0}
+            for status in TERMINAL_STATUSES:
+                point[status] = int(row[status]) if row else 0
+            terminal = sum(point[s] for s in TERMINAL_STATUSES)
+            point["failure_rate"] = point["failed"] / terminal if terminal else None
+            points.append(point)
+        out.append({"key": dict(zip(group_by, key, strict=True)), "points": points})
+    return {"bucket": bucket, "series": out}
+
+
+async def durations(
+    engine: AsyncEngine, filters: RunFilters, group_by: list[str]
+) -> dict[str, Any]:
+    where = run_filters(filters)
+    where.add("status = ANY({}::text[])", list(TERMINAL_STATUSES))
+    where.raw("duration_ms IS NOT NULL")
+    fractions = ", ".join(str(f) for _, f in PERCENTILES)
+    rows = await _fetch(
+        engine,
+        f"SELECT {_select_dims(group_by)}count(*) AS count,"
+        f" percentile_disc(ARRAY[{fractions}]) WITHIN GROUP (ORDER BY duration_ms) AS pcts,"
+        f" max(duration_ms) AS max_ms FROM runs WHERE {where.sql()} {_group_clause(group_by)}"
+        " ORDER BY count DESC" + "".join(f", {n} NULLS LAST" for n in group_by),
+        where.args,
+    )
+    groups = []
+    for row in rows:
+        if not row["count"]:
+            continue  # no GROUP BY over no rows still yields one empty row
+        group: dict[str, Any] = {name: row[name] for name in group_by}
+        group["count"] = int(row["count"])
+        for (name, _), value in zip(PERCENTILES, row["pcts"], strict=True):
+            group[name] = int(value)
+        group["max_ms"] = int(row["max_ms"])
+        groups.append(group)
+    return {"groups": groups}
+
+
+async def costs(engine: AsyncEngine, filters: RunFilters, group_by: list[str]) -> dict[str, Any]:
+    where: Where = run_filters(filters)
+    rows = await _fetch(
+        engine,
+        f"SELECT {_select_dims(group_by)}count(*) AS runs, COALESCE(sum(cost), 0) AS cost"
+        f" FROM runs WHERE {where.sql()} {_group_clause(group_by)}"
+        " ORDER BY cost DESC" + "".join(f", {n} NULLS LAST" for n in group_by),
+        where.args,
+    )
+    total = sum((Decimal(row["cost"]) for row in rows), Decimal(0))
+    groups = []
+    for row in rows:
+        if not row["runs"]:
+            continue
+        group: dict[str, Any] = {name: row[name] for name in group_by}
+        group["runs"] = int(row["runs"])
+        group["cost"] = str(row["cost"])
+        groups.append(group)
+    return {"total": str(total), "groups": groups}

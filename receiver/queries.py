@@ -1,0 +1,151 @@
+"""Read queries for /runs and /deliveries: keyset pages on the indexes of revision 0002."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from receiver.db import driver_connection
+from receiver.queryparams import FILTER_COLUMNS, RunFilters
+
+RUN_COLUMNS = (
+    "id, org_id, status, event, target_type, model, model_id, flow_id, comfyui_workflow_id,"
+    " batch_id, client_ref, source, failure_code, failure_message, failure_stage, duration_ms,"
+    " cost, created_at, started_at, completed_at, input, output, metadata, first_received_at,"
+    " last_received_at, delivery_count, sort_at"
+)
+DELIVERY_COLUMNS = (
+    "id, received_at, outcome, cause, cause_detail, kind, run_id, batch_id, signature,"
+    " request_id, content_type, body_size, duplicate_of, replay_count, replayed_at, headers"
+)
+
+
+class Where:
+    """A WHERE clause built from whitelisted column names and numbered parameters."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, template: str, *values: Any) -> None:
+        names = []
+        for value in values:
+            self.args.append(value)
+            names.append(f"${len(self.args)}")
+        self.parts.append(template.format(*names))
+
+    def raw(self, condition: str) -> None:
+        self.parts.append(condition)
+
+    def sql(self) -> str:
+        return " AND ".join(self.parts) if self.parts else "TRUE"
+
+
+def run_filters(filters: RunFilters, where: Where | None = None) -> Where:
+    where = where or Where()
+    for name, values in filters.values.items():
+        column = FILTER_COLUMNS[name]
+        if len(values) == 1:
+            # A plain equality lets the planner walk (column, sort_at, id) in order.
+            where.add(f"{column} = {{}}", values[0])
+        else:
+            where.add(f"{column} = ANY({{}}::text[])", values)
+    if filters.created_after is not None:
+        where.add("sort_at >= {}", filters.created_after)
+    if filters.created_before is not None:
+        where.add("sort_at < {}", filters.created_before)
+    return where
+
+
+def run_out(row: Any) -> dict[str, Any]:
+    """The API's Run representation (SPEC section 3)."""
+    out = {key: value for key, value in row.items() if key != "sort_at"}
+    out["cost"] = None if row["cost"] is None else str(row["cost"])
+    return out
+
+
+async def list_runs(
+    engine: AsyncEngine, filters: RunFilters, *, limit: int, after: tuple[datetime, str] | None
+) -> tuple[list[dict[str, Any]], tuple[datetime, str] | None]:
+    where = run_filters(filters)
+    if after is not None:
+        where.add("(sort_at, id) < ({}, {})", *after)
+    sql = (
+        f"SELECT {RUN_COLUMNS} FROM runs WHERE {where.sql()}"
+        f" ORDER BY sort_at DESC, id DESC LIMIT {limit + 1}"
+    )
+    async with driver_connection(engine) as conn:
+        rows = await conn.fetch(sql, *where.args)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = (rows[-1]["sort_at"], rows[-1]["id"]) if more and rows else None
+    return [run_out(row) for row in rows], last
+
+
+async def get_run(engine: AsyncEngine, run_id: str) -> dict[str, Any] | None:
+    async with driver_connection(engine) as conn:
+        row = await conn.fetchrow(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
+        if row is None:
+            return None
+        nodes = await conn.fetch(
+            "SELECT id, node_id, node_type, status, failure_code, failure_message, created_at,"
+            " started_at, completed_at, duration_ms FROM node_runs WHERE run_id = $1"
+            " ORDER BY started_at NULLS LAST, id",
+            run_id,
+        )
+    run = run_out(row)
+    run["node_runs"] = [dict(node) for node in nodes]
+    return run
+
+
+def delivery_out(row: Any) -> dict[str, Any]:
+    return dict(row)
+
+
+async def run_deliveries(engine: AsyncEngine, run_id: str) -> list[dict[str, Any]]:
+    """Every request that touched the run, batch callbacks included, oldest first."""
+    async with driver_connection(engine) as conn:
+        rows = await conn.fetch(
+            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE run_id = $1"
+            " OR id IN (SELECT delivery_id FROM run_patches WHERE run_id = $1)"
+            " ORDER BY received_at, id",
+            run_id,
+        )
+    return [delivery_out(row) for row in rows]
+
+
+async def list_deliveries(
+    engine: AsyncEngine, *, outcomes: list[str], limit: int, after: tuple[datetime, int] | None
+) -> tuple[list[dict[str, Any]], tuple[datetime, int] | None]:
+    where = Where()
+    if len(outcomes) == 1:
+        where.add("outcome = {}", outcomes[0])
+    elif outcomes:
+        where.add("outcome = ANY({}::text[])", outcomes)
+    if after is not None:
+        where.add("(received_at, id) < ({}, {})", *after)
+    sql = (
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {where.sql()}"
+        f" ORDER BY received_at DESC, id DESC LIMIT {limit + 1}"
+    )
+    async with driver_connection(engine) as conn:
+        rows = await conn.fetch(sql, *where.args)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    last = (rows[-1]["received_at"], rows[-1]["id"]) if more and rows else None
+    return [delivery_out(row) for row in rows], last
+
+
+async def get_delivery(engine: AsyncEngine, delivery_id: int) -> dict[str, Any] | None:
+    async with driver_connection(engine) as conn:
+        row = await conn.fetchrow(
+            f"SELECT {DELIVERY_COLUMNS}, body FROM deliveries WHERE id = $1", delivery_id
+        )
+    if row is None:
+        return None
+    out = dict(row)
+    body = out.pop("body")
+    out["body"] = None if body is None else bytes(body).decode("utf-8", errors="replace")
+    return out

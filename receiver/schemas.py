@@ -1,0 +1,182 @@
+"""API response shapes as pydantic models: the OpenAPI document is generated from these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Open(BaseModel):
+    # Groups carry one key per group_by dimension besides the documented fields.
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(_Out):
+    code: str
+    message: str
+    details: list[Any]
+    delivery_id: int | None = None
+
+
+class ErrorBody(_Out):
+    error: ErrorDetail
+
+
+class IngestAnswer(_Out):
+    status: str
+    delivery_id: int
+    run_id: str | None = None
+    batch_id: str | None = None
+    duplicate_of: int | None = None
+
+
+class ReplayAnswer(IngestAnswer):
+    cause: str | None = None
+    cause_detail: dict[str, Any] | None = None
+
+
+class Health(_Open):
+    status: str
+
+
+class NodeRunOut(_Out):
+    id: str
+    node_id: str | None
+    node_type: str | None
+    status: str | None
+    failure_code: str | None
+    failure_message: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    duration_ms: int | None
+
+
+class RunOut(_Out):
+    id: str
+    org_id: str | None
+    status: str | None
+    event: str | None
+    target_type: str | None
+    model: str | None
+    model_id: str | None
+    flow_id: str | None
+    comfyui_workflow_id: str | None
+    batch_id: str | None
+    client_ref: str | None
+    source: str | None
+    failure_code: str | None
+    failure_message: str | None
+    failure_stage: str | None
+    duration_ms: int | None
+    cost: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    input: Any
+    output: Any
+    metadata: Any
+    first_received_at: datetime
+    last_received_at: datetime
+    delivery_count: int
+
+
+class RunDetail(RunOut):
+    node_runs: list[NodeRunOut]
+
+
+class RunPage(_Out):
+    items: list[RunOut]
+    next_cursor: str | None
+
+
+class DeliveryOut(_Out):
+    id: int
+    received_at: datetime
+    outcome: str
+    cause: str | None
+    cause_detail: Any
+    kind: str | None
+    run_id: str | None
+    batch_id: str | None
+    signature: str
+    request_id: str | None
+    content_type: str | None
+    body_size: int | None
+    duplicate_of: int | None
+    replay_count: int
+    replayed_at: datetime | None
+    headers: Any
+
+
+class DeliveryDetail(DeliveryOut):
+    body: str | None
+
+
+class DeliveryList(_Out):
+    items: list[DeliveryOut]
+
+
+class DeliveryPage(_Out):
+    items: list[DeliveryOut]
+    next_cursor: str | None
+
+
+class FailureGroup(_Open):
+    count: int
+    share: float
+
+
+class Failures(_Out):
+    total_runs: int
+    failed_runs: int
+    groups: list[FailureGroup]
+
+
+class Point(_Out):
+    ts: datetime
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    partial_succeeded: int
+    failure_rate: float | None
+
+
+class Series(_Out):
+    key: dict[str, str | None]
+    points: list[Point]
+
+
+class Timeseries(_Out):
+    bucket: str
+    series: list[Series]
+
+
+class DurationGroup(_Open):
+    count: int
+    p50_ms: int
+    p90_ms: int
+    p95_ms: int
+    p99_ms: int
+    max_ms: int
+
+
+class Durations(_Out):
+    groups: list[DurationGroup]
+
+
+class CostGroup(_Open):
+    runs: int
+    cost: str
+
+
+class Costs(_Out):
+    total: str
+    groups: list[CostGroup]
