@@ -142,3 +142,41 @@ async def post_delivery(
 
 def auth(token: str = API_TOKEN) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
+
+
+def varied_runs(count: int, *, seed: int = 7, start: datetime = T0) -> list[dict[str, Any]]:
+    """Run objects with known statuses, models, failures, durations and costs, for query tests.
+
+    created_at steps 17 minutes per run from ``start``; every value is chosen so tests can
+    compute the expected answers themselves.
+    """
+    import random
+
+    rng = random.Random(seed)
+    models = ["flux-dev", "sdxl", "llama"]
+    failures = [("oom", "execution"), ("timeout", "execution"), ("no_capacity", "dispatch")]
+    runs = []
+    for i in range(count):
+        status = rng.choice(["succeeded"] * 5 + ["failed"] * 3 + ["cancelled", "running"])
+        code, stage = rng.choice(failures) if status == "failed" else (None, None)
+        created = start + timedelta(minutes=17 * i)
+        runs.append(
+            run_object(
+                f"q{seed}_{i:04d}",
+                status_code=status,
+                failure_code=code,
+                failure_stage_code=stage,
+                client_ref=f"ref-{i % 5}",
+                cost=f"{rng.randrange(1, 5000) / 10000:.4f}" if rng.random() < 0.9 else None,
+                model={"id": f"mdl_{i % 3}", "slug": models[i % 3]},
+                target_type=rng.choice(["model", "flow", "comfyui"]),
+                source_code=rng.choice(["api", "playground"]),
+                org_id=rng.choice(["org_a", "org_b"]),
+                batch_id=f"batch_{i % 4}" if i % 2 else None,
+                created_at=iso(created),
+                started_at=iso(created + timedelta(seconds=1)),
+                completed_at=iso(created + timedelta(seconds=30)) if status != "running" else None,
+                duration_ms=rng.randrange(100, 60000) if status != "running" else None,
+            )
+        )
+    return runs

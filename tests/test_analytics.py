@@ -1,0 +1,223 @@
+"""Analytics routes against answers computed here, in Python, from the payloads sent."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from tests.builders import T0, auth, iso, post_delivery, run_object, varied_runs
+
+TERMINAL = ("succeeded", "failed", "cancelled", "partial_succeeded")
+
+
+def window(after: datetime, before: datetime) -> str:
+    return f"created_after={iso(after)}&created_before={iso(before)}".replace("+", "%2B")
+
+
+def created(doc) -> datetime:
+    return datetime.fromisoformat(doc["created_at"])
+
+
+def nearest_rank(values: list[int], fraction: float) -> int:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+@pytest.fixture
+async def loaded(client):
+    runs = varied_runs(80, seed=3)
+    for doc in runs:
+        assert (await post_delivery(client, doc)).status_code == 200
+    return runs
+
+
+WHOLE = window(T0 - timedelta(hours=1), T0 + timedelta(days=3))
+
+
+async def get(client, path):
+    response = await client.get(path, headers=auth())
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_failures_by_code_and_stage(client, loaded):
+    body = await get(client, f"/analytics/failures?{WHOLE}")
+    failed = [d for d in loaded if d["status_code"] == "failed"]
+    counts = Counter((d["failure_code"], d["failure_stage_code"]) for d in failed)
+    assert body["total_runs"] == len(loaded)
+    assert body["failed_runs"] == len(failed)
+    got = {
+        (g["failure_code"], g["failure_stage"]): (g["count"], g["share"]) for g in body["groups"]
+    }
+    assert got == {key: (n, pytest.approx(n / len(failed))) for key, n in counts.items()}
+    assert [g["count"] for g in body["groups"]] == sorted(counts.values(), reverse=True)
+
+
+async def test_failures_grouped_by_model_with_a_filter(client, loaded):
+    body = await get(client, f"/analytics/failures?{WHOLE}&group_by=model&source=api")
+    in_scope = [d for d in loaded if d["source_code"] == "api"]
+    failed = [d for d in in_scope if d["status_code"] == "failed"]
+    assert body["total_runs"] == len(in_scope) and body["failed_runs"] == len(failed)
+    expected = Counter(d["model"]["slug"] for d in failed)
+    assert {g["model"]: g["count"] for g in body["groups"]} == dict(expected)
+    assert all(set(g) == {"model", "count", "share"} for g in body["groups"])
+
+
+async def test_window_edges_are_after_inclusive_before_exclusive(client, loaded):
+    after, before = created(loaded[5]), created(loaded[25])
+    body = await get(client, f"/analytics/failures?{window(after, before)}")
+    assert body["total_runs"] == 20
+
+
+async def test_empty_window_is_zero_not_an_error(client, loaded):
+    empty = window(T0 - timedelta(days=10), T0 - timedelta(days=9))
+    assert await get(client, f"/analytics/failures?{empty}") == {
+        "total_runs": 0,
+        "failed_runs": 0,
+        "groups": [],
+    }
+    assert (await get(client, f"/analytics/durations?{empty}")) == {"groups": []}
+    assert (await get(client, f"/analytics/costs?{empty}")) == {"total": "0", "groups": []}
+    series = (await get(client, f"/analytics/timeseries?{empty}&bucket=hour"))["series"]
+    assert len(series) == 1 and len(series[0]["points"]) == 24
+    assert all(p["total"] == 0 and p["failure_rate"] is None for p in series[0]["points"])
+
+
+async def test_default_window_is_the_last_24_hours(client):
+    now = datetime.now(UTC)
+    for i, hours_ago in enumerate((1, 23, 25, 48)):
+        doc = run_object(
+            f"recent_{i}",
+            status_code="failed",
+            failure_code="x",
+            created_at=iso(now - timedelta(hours=hours_ago)),
+        )
+        await post_delivery(client, doc)
+    body = await get(client, "/analytics/failures")
+    assert body["total_runs"] == 2 and body["failed_runs"] == 2
+
+
+async def test_hourly_timeseries_zero_fills_and_counts_statuses(client, loaded):
+    after = T0 - timedelta(minutes=30)
+    before = T0 + timedelta(hours=10)
+    body = await get(client, f"/analytics/timeseries?{window(after, before)}&bucket=hour")
+    assert body["bucket"] == "hour"
+    [series] = body["series"]
+    assert series["key"] == {}
+    starts = [after.replace(minute=0) + timedelta(hours=h) for h in range(11)]
+    assert [datetime.fromisoformat(p["ts"]) for p in series["points"]] == starts
+    by_hour: dict[datetime, Counter] = defaultdict(Counter)
+    for doc in loaded:
+        moment = created(doc)
+        if after <= moment < before:
+            by_hour[moment.replace(minute=0, second=0)][doc["status_code"]] += 1
+    for point in series["points"]:
+        expected = by_hour[datetime.fromisoformat(point["ts"])]
+        assert point["total"] == sum(expected.values())
+        for status in TERMINAL:
+            assert point[status] == expected[status]
+        terminal = sum(expected[s] for s in TERMINAL)
+        assert point["failure_rate"] == (
+            pytest.approx(expected["failed"] / terminal) if terminal else None
+        )
+
+
+async def test_timeseries_zero_buckets_inside_the_data(client):
+    for i, hour in enumerate((0, 3)):
+        await post_delivery(
+            client, run_object(f"ts_{i}", created_at=iso(T0 + timedelta(hours=hour)))
+        )
+    body = await get(
+        client, f"/analytics/timeseries?{window(T0, T0 + timedelta(hours=4))}&bucket=hour"
+    )
+    assert [p["total"] for p in body["series"][0]["points"]] == [1, 0, 0, 1]
+
+
+async def test_daily_timeseries_grouped_by_model(client, loaded):
+    after, before = T0.replace(hour=0), T0.replace(hour=0) + timedelta(days=2)
+    body = await get(
+        client, f"/analytics/timeseries?{window(after, before)}&bucket=day&group_by=model"
+    )
+    expected: dict[str, Counter] = defaultdict(Counter)
+    for doc in loaded:
+        if after <= created(doc) < before:
+            expected[doc["model"]["slug"]][created(doc).date().isoformat()] += 1
+    got = {
+        s["key"]["model"]: {p["ts"][:10]: p["total"] for p in s["points"] if p["total"]}
+        for s in body["series"]
+    }
+    assert got == {model: dict(days) for model, days in expected.items()}
+    assert all(len(s["points"]) == 2 for s in body["series"])
+
+
+async def test_too_many_buckets_is_422(client):
+    response = await client.get(
+        f"/analytics/timeseries?{window(T0, T0 + timedelta(days=7))}&bucket=minute", headers=auth()
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_query"
+
+
+async def test_duration_percentiles_are_exact_nearest_rank(client, loaded):
+    body = await get(client, f"/analytics/durations?{WHOLE}")
+    durations: dict[str, list[int]] = defaultdict(list)
+    for doc in loaded:
+        if doc["status_code"] in TERMINAL and doc["duration_ms"] is not None:
+            durations[doc["model"]["slug"]].append(doc["duration_ms"])
+    got = {g["model"]: g for g in body["groups"]}
+    assert set(got) == set(durations)
+    for model, values in durations.items():
+        group = got[model]
+        assert group["count"] == len(values)
+        for name, fraction in (
+            ("p50_ms", 0.5),
+            ("p90_ms", 0.9),
+            ("p95_ms", 0.95),
+            ("p99_ms", 0.99),
+        ):
+            assert group[name] == nearest_rank(values, fraction), (model, name)
+        assert group["max_ms"] == max(values)
+
+
+async def test_costs_are_exact_decimal_strings(client, loaded):
+    body = await get(client, f"/analytics/costs?{WHOLE}&group_by=target_type")
+    runs: Counter = Counter()
+    cost: dict[str, Decimal] = defaultdict(Decimal)
+    for doc in loaded:
+        runs[doc["target_type"]] += 1
+        if doc["cost"] is not None:
+            cost[doc["target_type"]] += Decimal(doc["cost"])
+    assert {g["target_type"]: (g["runs"], Decimal(g["cost"])) for g in body["groups"]} == {
+        t: (runs[t], cost[t]) for t in runs
+    }
+    assert Decimal(body["total"]) == sum(cost.values())
+    assert all(isinstance(g["cost"], str) for g in body["groups"])
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "group_by=colour",
+        "group_by=client_ref",
+        "group_by=id",
+        "group_by=model,model",
+        "bucket=week",
+        "created_after=nope",
+        "created_after=1900-01-01T00:00:00Z",
+        "limit=5",
+    ],
+)
+async def test_bad_analytics_parameters_are_422(client, query):
+    path = "/analytics/timeseries" if "bucket" in query else "/analytics/failures"
+    response = await client.get(f"{path}?{query}", headers=auth())
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_query"
+
+
+async def test_timeseries_takes_one_dimension(client):
+    response = await client.get("/analytics/timeseries?group_by=model,source", headers=auth())
+    assert response.status_code == 422
