@@ -169,9 +169,11 @@ def decode_cursor(params: QueryParams, kinds: tuple[type, ...]) -> tuple[Any, ..
         for value, kind in zip(values, kinds, strict=True):
             if kind is datetime:
                 out.append(datetime.fromisoformat(value))
-            elif not isinstance(value, kind) or isinstance(value, bool):
-                raise ValueError
-            elif isinstance(value, str) and "\x00" in value:
+            elif (
+                not isinstance(value, kind)
+                or isinstance(value, bool)
+                or (isinstance(value, str) and "\x00" in value)
+            ):
                 raise ValueError
             else:
                 out.append(value)

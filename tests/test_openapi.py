@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 import schemathesis
-from schemathesis import checks
 from hypothesis import HealthCheck, settings
+from schemathesis import checks
 from starlette.routing import Route
 
 from receiver.app import create_app
