@@ -6,6 +6,7 @@ building the app opens nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -44,9 +45,16 @@ def resources(request: Request) -> Resources:
 
 def _routes() -> list[BaseRoute]:
     from receiver import openapi
-    from receiver.routes import analytics, health, runs, webhooks
+    from receiver.routes import analytics, enrichment, health, runs, webhooks
 
-    return [*webhooks.routes, *health.routes, *runs.routes, *analytics.routes, *openapi.routes]
+    return [
+        *webhooks.routes,
+        *health.routes,
+        *runs.routes,
+        *analytics.routes,
+        *enrichment.routes,
+        *openapi.routes,
+    ]
 
 
 async def _receiver_error(request: Request, exc: Exception) -> Response:
@@ -93,17 +101,31 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
 )
 
 
-def create_app(settings: Settings, *, database_url: str | None = None) -> Starlette:
-    """The receiver app. ``database_url`` overrides settings (``serve`` passes the embedded one)."""
+def create_app(
+    settings: Settings, *, database_url: str | None = None, run_worker: bool = True
+) -> Starlette:
+    """The receiver app. ``database_url`` overrides settings (``serve`` passes the embedded one).
+
+    With ``run_worker`` (the default) the enrichment worker runs inside the app when enabled.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         url = database_url or resolve_database_url(settings)[0]
         engine = create_engine(url, pool_size=settings.db_pool_size)
         app.state.resources = Resources(settings=settings, engine=engine)
+        stop = asyncio.Event()
+        background: list[asyncio.Task[None]] = []
+        if settings.enrichment_enabled and run_worker:
+            from receiver.enrichment import Enricher
+
+            background.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
         try:
             yield
         finally:
+            stop.set()
+            if background:
+                await asyncio.wait(background, timeout=15)
             await engine.dispose()
 
     return Starlette(

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from receiver.errors import ReceiverError
 from receiver.settings import ConfigError, Settings, load_settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -133,6 +134,76 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _engine_for(settings: Settings) -> tuple[str, object]:
+    from receiver.db import create_engine
+
+    url = prepare_database(settings, migrate=False)
+    return url, create_engine(url, pool_size=max(2, settings.enrichment_concurrency + 1))
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from receiver.enrichment import Enricher
+
+    if not settings.runflow_api_key:
+        raise ConfigError("RECEIVER_RUNFLOW_API_KEY is not set: there is nothing to enrich with")
+    if settings.enrichment_concurrency == 0:
+        raise ConfigError("RECEIVER_ENRICHMENT_CONCURRENCY is 0: the worker would do nothing")
+    _, engine = _engine_for(settings)
+    assert isinstance(engine, AsyncEngine)
+
+    async def work() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await Enricher(settings, engine).run(stop)
+        finally:
+            await engine.dispose()
+
+    print(f"enrichment worker: {settings.enrichment_concurrency} tasks", flush=True)
+    asyncio.run(work())
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from receiver.backfill import BackfillError, backfill
+    from receiver.queryparams import parse_datetime
+
+    if not settings.runflow_api_key:
+        raise ConfigError("RECEIVER_RUNFLOW_API_KEY is not set: backfill reads Runflow's API")
+    try:
+        since = parse_datetime("--since", args.since)
+        until = parse_datetime("--until", args.until) if args.until else None
+    except ReceiverError as exc:
+        raise ConfigError(exc.message) from None
+    _, engine = _engine_for(settings)
+    assert isinstance(engine, AsyncEngine)
+
+    async def run() -> dict[str, int]:
+        try:
+            return await backfill(
+                settings, engine, since=since, until=until, page_size=args.page_size
+            )
+        finally:
+            await engine.dispose()
+
+    try:
+        counts = asyncio.run(run())
+    except BackfillError as exc:
+        print(f"backfill stopped: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"backfill done: {counts['stored']} stored, {counts['duplicate']} already known,"
+        f" {counts['rejected']} rejected (earlier runs of this backfill: {counts['previously']})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runflow-receiver",
@@ -151,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
     migrate.set_defaults(handler=cmd_migrate)
+
+    worker = sub.add_parser("worker", help="run the enrichment worker on its own")
+    worker.set_defaults(handler=cmd_worker)
+
+    back = sub.add_parser("backfill", help="import runs from Runflow's API")
+    back.add_argument("--since", required=True, help="ISO 8601 date or datetime (inclusive)")
+    back.add_argument("--until", default=None, help="ISO 8601 date or datetime (exclusive)")
+    back.add_argument("--page-size", type=int, default=500, choices=range(1, 501), metavar="1..500")
+    back.set_defaults(handler=cmd_backfill)
 
     for register in _extra_commands():
         register(sub)

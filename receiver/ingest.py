@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -145,14 +146,15 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         parsed = parse_body(raw.content_type, raw.body)
     except ReceiverError as error:
         raise await archive_rejection(engine, entry, error) from None
+    enrich = settings.enrichment_enabled
     try:
-        result = await store_parsed(engine, entry, parsed)
+        result = await store_parsed(engine, entry, parsed, enrich=enrich)
     except CONNECTION_LOST as exc:
         # A pooled connection died (database restart, failover). Trying once more on a fresh
         # one is safe even if the first commit went through: the fingerprint makes the second
         # attempt a duplicate, and the delivery is durable either way.
         log.warning("connection lost while storing (%s); retrying once", type(exc).__name__)
-        result = await store_parsed(engine, entry, parsed)
+        result = await store_parsed(engine, entry, parsed, enrich=enrich)
     if result.outcome == "rejected":
         rejection = InvalidPayload(
             (result.cause_detail or {}).get("message", "payload rejected"),
@@ -169,14 +171,24 @@ async def store_parsed(
     parsed: ParsedPayload,
     *,
     replay_of: int | None = None,
+    enrich: bool = False,
+    also: Callable[[Any, StoreResult], Awaitable[None]] | None = None,
 ) -> StoreResult:
-    """Archive and merge a valid payload in one transaction; ``replay_of`` updates that row."""
+    """Archive and merge a valid payload in one transaction; ``replay_of`` updates that row.
+
+    ``enrich`` queues runs that have only been seen in envelopes for a fetch from Runflow's
+    API; ``also`` runs more statements in the same transaction (the enrichment worker marks
+    its queue item done there, so a merge and its bookkeeping commit together or not at all).
+    """
     async with driver_connection(engine) as conn, conn.transaction():
-        return await _store(conn, entry, parsed, replay_of)
+        result = await _store(conn, entry, parsed, replay_of, enrich)
+        if also is not None:
+            await also(conn, result)
+        return result
 
 
 async def _store(
-    conn: Any, entry: ArchiveEntry, parsed: ParsedPayload, replay_of: int | None
+    conn: Any, entry: ArchiveEntry, parsed: ParsedPayload, replay_of: int | None, enrich: bool
 ) -> StoreResult:
     assert entry.body_sha256 is not None
 
@@ -231,9 +243,11 @@ async def _store(
     )
     patches = [(patch.run_id, patch.fields) for patch in parsed.runs if patch.run_id]
     if patches:
-        await store.merge_patches(
+        envelope_only = await store.merge_patches(
             conn, delivery_id=result.delivery_id, received_at=entry.received_at, patches=patches
         )
+        if enrich and envelope_only:
+            await store.enqueue_enrichment(conn, envelope_only)
     if run_id is not None:
         await store.upsert_children(conn, run_id, parsed)
     if parsed.batch is not None:

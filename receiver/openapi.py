@@ -26,9 +26,15 @@ _DESCRIPTIONS = {
 
 
 def all_operations() -> list[Operation]:
-    from receiver.routes import analytics, health, runs, webhooks
+    from receiver.routes import analytics, enrichment, health, runs, webhooks
 
-    return [*webhooks.operations, *health.operations, *runs.operations, *analytics.operations]
+    return [
+        *webhooks.operations,
+        *health.operations,
+        *runs.operations,
+        *analytics.operations,
+        *enrichment.operations,
+    ]
 
 
 def build_document(operations: list[Operation]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ RUN_COLUMNS = (
     "id, org_id, status, event, target_type, model, model_id, flow_id, comfyui_workflow_id,"
     " batch_id, client_ref, source, failure_code, failure_message, failure_stage, duration_ms,"
     " cost, created_at, started_at, completed_at, input, output, metadata, first_received_at,"
-    " last_received_at, delivery_count, sort_at"
+    " last_received_at, delivery_count, enriched_at, enrichment_error, sort_at"
 )
 DELIVERY_COLUMNS = (
     "id, received_at, outcome, cause, cause_detail, kind, run_id, batch_id, signature,"

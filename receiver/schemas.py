@@ -85,6 +85,8 @@ class RunOut(_Out):
     first_received_at: datetime
     last_received_at: datetime
     delivery_count: int
+    enriched_at: datetime | None
+    enrichment_error: str | None
 
 
 class RunDetail(RunOut):
@@ -180,3 +182,11 @@ class CostGroup(_Open):
 class Costs(_Out):
     total: str
     groups: list[CostGroup]
+
+
+class EnrichmentStatus(_Out):
+    enabled: bool
+    pending: int
+    done: int
+    failed: int
+    oldest_pending_seconds: float | None

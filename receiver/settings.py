@@ -37,6 +37,20 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     # Pool size per worker process; two workers x this must stay under max_connections.
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # Enrichment from Runflow's API (on when runflow_api_key is set and concurrency > 0).
+    enrichment_concurrency: int = Field(default=4, ge=0, le=64)
+    enrichment_rps: float = Field(default=10.0, gt=0)
+    enrichment_max_attempts: int = Field(default=8, ge=1)
+    enrichment_backoff_seconds: float = Field(default=1.0, gt=0)
+    enrichment_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    enrichment_timeout_seconds: float = Field(default=10.0, gt=0)
+    enrichment_lease_seconds: float = Field(default=60.0, gt=0)
+    enrichment_poll_seconds: float = Field(default=1.0, gt=0)
+    enrichment_auth_pause_seconds: float = Field(default=300.0, gt=0)
+
+    @property
+    def enrichment_enabled(self) -> bool:
+        return bool(self.runflow_api_key) and self.enrichment_concurrency > 0
 
     @field_validator("signing_secrets", "api_tokens", mode="before")
     @classmethod

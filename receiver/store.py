@@ -277,14 +277,21 @@ async def runs_with_client_ref(conn: Any, client_ref: str) -> list[str]:
     return [row["id"] for row in rows]
 
 
+# Fields only a Run object carries: a run with none of them has only been seen in envelopes.
+RUN_OBJECT_FIELDS = ("target_type", "source", "org_id", "model_id")
+
+
 async def merge_patches(
     conn: Any,
     *,
     delivery_id: int,
     received_at: datetime,
     patches: Sequence[tuple[str, dict[str, Any]]],
-) -> None:
-    """Store one delivery's patches and re-fold every run they touch (in this transaction)."""
+) -> list[str]:
+    """Store one delivery's patches and re-fold every run they touch (in this transaction).
+
+    Returns the runs that still lack every Run-object field (candidates for enrichment).
+    """
     by_run: dict[str, dict[str, Any]] = {}
     for run_id, fields in patches:
         # The same run twice in one batch: later items win, as they would on the wire.
@@ -308,11 +315,26 @@ async def merge_patches(
                 delivery_id=row["delivery_id"],
             )
         )
-    rows = [_run_row(run_id, fold_run(stored[run_id])) for run_id in run_ids]
+    merged = {run_id: fold_run(stored[run_id]) for run_id in run_ids}
+    rows = [_run_row(run_id, run) for run_id, run in merged.items()]
     if len(rows) == 1:
         await conn.execute(_UPSERT_RUN, *rows[0])
     else:
         await conn.executemany(_UPSERT_RUN, rows)
+    return [
+        run_id
+        for run_id, run in merged.items()
+        if not any(run.fields.get(name) is not None for name in RUN_OBJECT_FIELDS)
+    ]
+
+
+async def enqueue_enrichment(conn: Any, run_ids: Sequence[str]) -> None:
+    """Queue runs for a fetch from Runflow's API; runs already queued or done stay as they are."""
+    await conn.execute(
+        "INSERT INTO enrichment_queue (run_id) SELECT unnest($1::text[])"
+        " ON CONFLICT (run_id) DO NOTHING",
+        list(run_ids),
+    )
 
 
 async def upsert_children(conn: Any, run_id: str, parsed: ParsedPayload) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Computed,
     DateTime,
@@ -80,6 +81,8 @@ class Run(SQLModel, table=True):
         default=0, sa_column=Column(Integer, nullable=False, server_default="0")
     )
     updated_at: datetime | None = _ts(nullable=False, default_now=True)
+    enriched_at: datetime | None = _ts()
+    enrichment_error: str | None = Field(default=None, sa_column=Column(Text))
     sort_at: datetime | None = Field(
         default=None,
         sa_column=Column(
@@ -205,3 +208,34 @@ class Batch(SQLModel, table=True):
     delivery_count: int = Field(
         default=0, sa_column=Column(Integer, nullable=False, server_default="0")
     )
+
+
+class EnrichmentItem(SQLModel, table=True):
+    """A run waiting to be fetched from Runflow's API (see receiver.enrichment)."""
+
+    __tablename__ = "enrichment_queue"
+
+    run_id: str = Field(sa_column=Column(Text, primary_key=True))
+    state: str = Field(sa_column=Column(Text, nullable=False, server_default="pending"))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    next_attempt_at: datetime | None = _ts(nullable=False, default_now=True)
+    locked_until: datetime | None = _ts()
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    enqueued_at: datetime | None = _ts(nullable=False, default_now=True)
+    updated_at: datetime | None = _ts(nullable=False, default_now=True)
+
+
+class BackfillProgress(SQLModel, table=True):
+    """Where a backfill stopped, so an interrupted one resumes instead of starting over."""
+
+    __tablename__ = "backfill_progress"
+
+    key: str = Field(sa_column=Column(Text, primary_key=True))
+    cursor: str | None = Field(default=None, sa_column=Column(Text))
+    imported: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
+    finished: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false"))
+    )
+    updated_at: datetime | None = _ts(nullable=False, default_now=True)

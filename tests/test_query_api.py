@@ -101,6 +101,8 @@ async def test_runs_newest_first_with_the_spec_representation(client, loaded):
         "first_received_at",
         "last_received_at",
         "delivery_count",
+        "enriched_at",
+        "enrichment_error",
     }
     assert first["model"] == loaded[0]["model"]["slug"]
     assert first["cost"] == loaded[0]["cost"]

@@ -1,0 +1,280 @@
+"""Enrichment: fetch Run objects from Runflow's API for runs only seen in callback envelopes.
+
+Envelopes carry no failure code, stage, client_ref, cost, model or node runs; the Run object
+does. Queued runs (``enrichment_queue``, filled at ingest) are claimed with FOR UPDATE SKIP
+LOCKED under a lease, fetched from ``GET {api}/v1/runs/{id}``, validated with the same Run
+model as ingest and merged through the same path (archived as a delivery whose signature is
+``enrichment``); the queue item is closed in that same transaction. A worker that dies holding
+an item loses nothing: the lease runs out and another worker takes it.
+
+Retries: 429 (honouring Retry-After), 5xx, timeouts and connection errors back off
+exponentially with full jitter, up to ``enrichment_max_attempts``. 404 ends the item. 401/403
+end the item too and pause the worker, with one log line, instead of hammering the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from receiver.db import driver_connection
+from receiver.errors import ReceiverError
+from receiver.ingest import store_parsed
+from receiver.payloads import parse_payload
+from receiver.settings import Settings
+from receiver.store import ArchiveEntry, StoreResult
+
+log = logging.getLogger(__name__)
+
+_CLAIM = """
+UPDATE enrichment_queue q
+SET locked_until = now() + make_interval(secs => $1), attempts = q.attempts + 1,
+    updated_at = now()
+WHERE q.run_id = (
+    SELECT run_id FROM enrichment_queue
+    WHERE state = 'pending' AND next_attempt_at <= now()
+      AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY next_attempt_at
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING q.run_id, q.attempts
+"""
+
+
+class RateLimiter:
+    """At most ``rate`` acquisitions per second across this process's tasks."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self.next_at = time.monotonic()
+        self.lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self.lock:
+            now = time.monotonic()
+            wait = self.next_at - now
+            self.next_at = max(now, self.next_at) + self.interval
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+def backoff_seconds(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter; a server's Retry-After is a floor."""
+    ceiling = min(
+        settings.enrichment_backoff_max_seconds,
+        settings.enrichment_backoff_seconds * 2 ** max(0, attempts - 1),
+    )
+    delay = random.uniform(0, ceiling)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.enrichment_backoff_max_seconds))
+    return delay
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class Outcome:
+    """What one fetch ended as: done, retry later, or given up (with a reason)."""
+
+    kind: str  # "done" | "retry" | "failed"
+    reason: str | None = None
+    retry_after: float | None = None
+    pause: bool = False
+
+
+class Enricher:
+    """The queue worker: ``run`` until ``stop`` is set; ``drain`` for tests and one-shot use."""
+
+    def __init__(
+        self, settings: Settings, engine: AsyncEngine, client: httpx.AsyncClient | None = None
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.client = client or self.make_client(settings)
+        self.limiter = RateLimiter(settings.enrichment_rps)
+        self.paused_until = 0.0
+
+    @staticmethod
+    def make_client(settings: Settings) -> httpx.AsyncClient:
+        headers = {"authorization": f"Bearer {settings.runflow_api_key}"}
+        if settings.runflow_org_id:
+            headers["x-organization-id"] = settings.runflow_org_id
+        return httpx.AsyncClient(
+            base_url=settings.runflow_api_url.rstrip("/"),
+            headers=headers,
+            timeout=settings.enrichment_timeout_seconds,
+        )
+
+    async def claim(self) -> tuple[str, int] | None:
+        async with driver_connection(self.engine) as conn:
+            row = await conn.fetchrow(_CLAIM, self.settings.enrichment_lease_seconds)
+        return (row["run_id"], row["attempts"]) if row else None
+
+    async def fetch(self, run_id: str) -> tuple[Outcome, httpx.Response | None]:
+        await self.limiter.acquire()
+        try:
+            response = await self.client.get(f"/v1/runs/{run_id}")
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            return Outcome("retry", f"{type(exc).__name__}: {exc}"), None
+        status = response.status_code
+        if status == 200:
+            return Outcome("done"), response
+        if status == 404:
+            return Outcome("failed", "not_found: Runflow has no such run"), response
+        if status in (401, 403):
+            return Outcome("failed", f"http_{status}: API key refused", pause=True), response
+        if status == 429 or status >= 500:
+            return Outcome("retry", f"http_{status}", _retry_after(response)), response
+        return Outcome("failed", f"http_{status}"), response
+
+    async def process(self, run_id: str, attempts: int) -> str:
+        outcome, response = await self.fetch(run_id)
+        if outcome.kind == "done":
+            assert response is not None
+            try:
+                await self.merge(run_id, response)
+                return "done"
+            except (ReceiverError, ValueError) as exc:
+                outcome = Outcome("failed", f"invalid_run_object: {exc}")
+        if outcome.pause:
+            self.paused_until = time.monotonic() + self.settings.enrichment_auth_pause_seconds
+            log.error(
+                "Runflow API refused the key (%s); enrichment paused for %.0fs: "
+                "check RECEIVER_RUNFLOW_API_KEY",
+                outcome.reason,
+                self.settings.enrichment_auth_pause_seconds,
+            )
+        if outcome.kind == "retry" and attempts < self.settings.enrichment_max_attempts:
+            delay = backoff_seconds(self.settings, attempts, outcome.retry_after)
+            await self.reschedule(run_id, delay, outcome.reason)
+            return "retry"
+        await self.give_up(run_id, outcome.reason or "unknown")
+        return "failed"
+
+    async def merge(self, run_id: str, response: httpx.Response) -> None:
+        body = response.content
+        document = orjson.loads(body)
+        if not isinstance(document, dict):
+            raise ValueError("Runflow answered with something that is not a Run object")
+        document.setdefault("id", run_id)
+        parsed = parse_payload(document)
+        if parsed.kind != "run_object" or parsed.run_id != run_id:
+            raise ValueError(f"expected the Run object of {run_id}")
+        entry = ArchiveEntry(
+            received_at=datetime.now(UTC),
+            signature="enrichment",
+            request_id=response.headers.get("x-request-id"),
+            headers={"source": "enrichment", "url": str(response.request.url)},
+            content_type="application/json",
+            body=body,
+            body_sha256=hashlib.sha256(body).digest(),
+            body_size=len(body),
+        )
+
+        async def close_item(conn: Any, result: StoreResult) -> None:
+            await conn.execute(
+                "UPDATE enrichment_queue SET state = 'done', locked_until = NULL,"
+                " last_error = NULL, updated_at = now() WHERE run_id = $1",
+                run_id,
+            )
+            await conn.execute(
+                "UPDATE runs SET enriched_at = now(), enrichment_error = NULL WHERE id = $1",
+                run_id,
+            )
+
+        await store_parsed(self.engine, entry, parsed, also=close_item)
+
+    async def reschedule(self, run_id: str, delay: float, reason: str | None) -> None:
+        async with driver_connection(self.engine) as conn:
+            await conn.execute(
+                "UPDATE enrichment_queue SET next_attempt_at = now() + make_interval(secs => $2),"
+                " locked_until = NULL, last_error = $3, updated_at = now() WHERE run_id = $1",
+                run_id,
+                delay,
+                reason,
+            )
+
+    async def give_up(self, run_id: str, reason: str) -> None:
+        async with driver_connection(self.engine) as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE enrichment_queue SET state = 'failed', locked_until = NULL,"
+                " last_error = $2, updated_at = now() WHERE run_id = $1",
+                run_id,
+                reason,
+            )
+            await conn.execute(
+                "UPDATE runs SET enrichment_error = $2 WHERE id = $1", run_id, reason
+            )
+        log.warning("enrichment of %s ended: %s", run_id, reason)
+
+    async def _task(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            pause = self.paused_until - time.monotonic()
+            if pause > 0:
+                await _sleep_or_stop(stop, pause)
+                continue
+            try:
+                claimed = await self.claim()
+                if claimed is None:
+                    await _sleep_or_stop(stop, self.settings.enrichment_poll_seconds)
+                    continue
+                await self.process(*claimed)
+            except Exception:  # keep the worker alive; the lease returns the item
+                log.exception("enrichment worker error")
+                await _sleep_or_stop(stop, self.settings.enrichment_poll_seconds)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work the queue with ``enrichment_concurrency`` tasks until ``stop`` is set."""
+        log.info("enrichment worker started (%d tasks)", self.settings.enrichment_concurrency)
+        tasks = [
+            asyncio.create_task(self._task(stop))
+            for _ in range(self.settings.enrichment_concurrency)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self.client.aclose()
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def queue_status(engine: AsyncEngine) -> dict[str, Any]:
+    """Queue depth, oldest pending item's age, and counts by state."""
+    async with driver_connection(engine) as conn:
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE state = 'pending') AS pending,"
+            " count(*) FILTER (WHERE state = 'done') AS done,"
+            " count(*) FILTER (WHERE state = 'failed') AS failed,"
+            " extract(epoch FROM now() - min(enqueued_at) FILTER (WHERE state = 'pending'))"
+            " AS oldest FROM enrichment_queue"
+        )
+    oldest = row["oldest"]
+    return {
+        "pending": row["pending"],
+        "done": row["done"],
+        "failed": row["failed"],
+        "oldest_pending_seconds": None if oldest is None else float(oldest),
+    }
