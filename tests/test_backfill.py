@@ -1,0 +1,54 @@
+"""Backfill over several pages of a fake Runflow API, interrupted and resumed."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from receiver.backfill import BackfillError, backfill
+from receiver.db import plain_url
+from tests.builders import T0, iso, run_object
+from tests.fake_runflow import FakeRunflow, serve_fake
+from tests.test_enrichment import enrichment_settings
+
+
+async def stored_per_run(url: str) -> dict[str, int]:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        rows = await conn.fetch(
+            "SELECT run_id, count(*) AS n FROM deliveries WHERE signature = 'backfill'"
+            " AND outcome = 'stored' GROUP BY run_id"
+        )
+    finally:
+        await conn.close()
+    return {row["run_id"]: row["n"] for row in rows}
+
+
+async def test_interrupted_backfill_resumes_and_imports_each_run_once(db, database_url):
+    fake = FakeRunflow()
+    for i in range(23):
+        fake.runs[f"hist_{i:02d}"] = run_object(
+            f"hist_{i:02d}", created_at=iso(T0 + timedelta(minutes=i))
+        )
+    fake.runs["too_old"] = run_object("too_old", created_at=iso(T0 - timedelta(days=2)))
+    fake.fail_pages_after = 2  # the API breaks after two pages
+    with serve_fake(fake) as url:
+        settings = enrichment_settings(database_url, url, enrichment_max_attempts=2)
+        since = T0 - timedelta(hours=1)
+        with pytest.raises(BackfillError):
+            await backfill(settings, db, since=since, page_size=5, out=io.StringIO())
+        assert set(await stored_per_run(database_url)) == {f"hist_{i:02d}" for i in range(10)}
+
+        fake.fail_pages_after = None
+        out = io.StringIO()
+        counts = await backfill(settings, db, since=since, page_size=5, out=out)
+        assert counts["stored"] == 13 and counts["previously"] == 10
+        assert "23 runs imported" in out.getvalue()
+
+        again = await backfill(settings, db, since=since, page_size=5, out=io.StringIO())
+        assert again["stored"] == 0
+
+    assert await stored_per_run(database_url) == {f"hist_{i:02d}": 1 for i in range(23)}

@@ -1,0 +1,292 @@
+"""Enrichment from a fake Runflow API over real HTTP: fields filled, crashes, 429s, 401/404."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import asyncpg
+import httpx
+import pytest
+
+from receiver.app import create_app
+from receiver.db import plain_url
+from receiver.enrichment import Enricher
+from receiver.settings import Settings
+from tests.builders import (
+    API_TOKEN,
+    SIGNING_SECRET,
+    T0,
+    auth,
+    envelope,
+    iso,
+    post_delivery,
+    run_object,
+)
+from tests.fake_runflow import FakeRunflow, serve_fake
+from tests.serve_process import receiver_env, stop
+
+
+def enrichment_settings(database_url: str, api_url: str, **overrides) -> Settings:
+    values = {
+        "database_url": database_url,
+        "signing_secrets": [SIGNING_SECRET],
+        "api_tokens": [API_TOKEN],
+        "runflow_api_url": api_url,
+        "runflow_api_key": "rf_test_key",
+        "enrichment_concurrency": 4,
+        "enrichment_rps": 1000,
+        "enrichment_backoff_seconds": 0.05,
+        "enrichment_backoff_max_seconds": 0.3,
+        "enrichment_poll_seconds": 0.05,
+        "enrichment_lease_seconds": 3,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@pytest.fixture
+def fake():
+    return FakeRunflow()
+
+
+@pytest.fixture
+def fake_url(fake):
+    with serve_fake(fake) as url:
+        yield url
+
+
+@pytest.fixture
+async def enriching_client(db, database_url, fake_url):
+    """An app that queues envelope-only runs but runs no worker (tests drive it)."""
+    settings = enrichment_settings(database_url, fake_url)
+    app = create_app(settings, run_worker=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield client, settings, app.state.resources.engine
+
+
+async def drain(settings: Settings, engine, seconds: float = 30) -> None:
+    """Run a worker until nothing is pending any more."""
+    stop_event = asyncio.Event()
+    worker = asyncio.create_task(Enricher(settings, engine).run(stop_event))
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            async with engine.connect() as conn:
+                from sqlalchemy import text
+
+                pending = (
+                    await conn.execute(
+                        text("SELECT count(*) FROM enrichment_queue WHERE state = 'pending'")
+                    )
+                ).scalar_one()
+            if pending == 0:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError("the queue did not drain")
+    finally:
+        stop_event.set()
+        await worker
+
+
+async def fetch(url: str, sql: str, *args):
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        return [dict(r) for r in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+def full_run(run_id: str, **fields):
+    return run_object(
+        run_id,
+        status_code="failed",
+        failure_code="out_of_memory",
+        failure_message="CUDA out of memory",
+        failure_stage_code="execution",
+        client_ref=f"order-{run_id}",
+        cost="0.0420",
+        model={"id": "mdl_flux", "slug": "flux-dev"},
+        node_runs=[
+            {"id": f"{run_id}_n1", "node_id": "load", "status_code": "succeeded"},
+            {
+                "id": f"{run_id}_n2",
+                "node_id": "sample",
+                "status_code": "failed",
+                "failure_code": "out_of_memory",
+            },
+        ],
+        **fields,
+    )
+
+
+async def test_envelope_only_failed_run_gains_run_object_fields(
+    enriching_client, fake, database_url
+):
+    client, settings, engine = enriching_client
+    fake.runs["enr_1"] = full_run("enr_1")
+    response = await post_delivery(client, envelope("enr_1", status="failed", output=None))
+    assert response.status_code == 200
+    before = (await client.get("/runs/enr_1", headers=auth())).json()
+    assert before["failure_code"] is None and before["client_ref"] is None
+    queued = await fetch(database_url, "SELECT run_id, state FROM enrichment_queue")
+    assert queued == [{"run_id": "enr_1", "state": "pending"}]
+
+    await drain(settings, engine)
+
+    run = (await client.get("/runs/enr_1", headers=auth())).json()
+    assert run["failure_code"] == "out_of_memory"
+    assert run["failure_stage"] == "execution"
+    assert run["client_ref"] == "order-enr_1"
+    assert run["cost"] == "0.0420"
+    assert run["model"] == "flux-dev"
+    assert run["enriched_at"] is not None and run["enrichment_error"] is None
+    assert [n["id"] for n in run["node_runs"]] == ["enr_1_n1", "enr_1_n2"]
+    assert fake.requests["enr_1"] == 1
+
+    # The query API and analytics see the enriched values.
+    by_code = (await client.get("/runs?failure_code=out_of_memory", headers=auth())).json()
+    assert [r["id"] for r in by_code["items"]] == ["enr_1"]
+    by_ref = (await client.get("/runs?client_ref=order-enr_1", headers=auth())).json()
+    assert [r["id"] for r in by_ref["items"]] == ["enr_1"]
+    after, before = iso(T0 - timedelta(hours=1)), iso(T0 + timedelta(hours=1))
+    window = f"created_after={after}&created_before={before}"
+    failures = (
+        await client.get(f"/analytics/failures?{window.replace('+', '%2B')}", headers=auth())
+    ).json()
+    assert failures["groups"] == [
+        {"failure_code": "out_of_memory", "failure_stage": "execution", "count": 1, "share": 1.0}
+    ]
+    status = (await client.get("/enrichment/status", headers=auth())).json()
+    assert status == {
+        "enabled": True,
+        "pending": 0,
+        "done": 1,
+        "failed": 0,
+        "oldest_pending_seconds": None,
+    }
+
+
+async def test_runs_seen_as_run_objects_are_not_queued(enriching_client, database_url):
+    client, _, _ = enriching_client
+    await post_delivery(client, run_object("already_full"))
+    await post_delivery(client, envelope("already_full", status="succeeded"))
+    assert await fetch(database_url, "SELECT run_id FROM enrichment_queue") == []
+
+
+async def test_429s_back_off_then_complete_without_duplicate_merges(
+    enriching_client, fake, database_url
+):
+    client, settings, engine = enriching_client
+    ids = [f"busy_{i}" for i in range(3)]
+    for run_id in ids:
+        fake.runs[run_id] = full_run(run_id)
+        await post_delivery(client, envelope(run_id, status="failed", output=None))
+    fake.fail_first = 6
+    await drain(settings, engine)
+    assert sum(fake.requests.values()) <= 6 + len(ids) + 2
+    merges = await fetch(
+        database_url,
+        "SELECT run_id, count(*) AS n FROM deliveries WHERE signature = 'enrichment'"
+        " AND outcome = 'stored' GROUP BY run_id ORDER BY run_id",
+    )
+    assert merges == [{"run_id": run_id, "n": 1} for run_id in sorted(ids)]
+    attempts = await fetch(database_url, "SELECT attempts FROM enrichment_queue")
+    assert sum(a["attempts"] for a in attempts) > len(ids)  # it did retry
+
+
+async def test_404_ends_the_item_with_a_recorded_reason(enriching_client, database_url):
+    client, settings, engine = enriching_client
+    await post_delivery(client, envelope("ghost", status="failed", output=None))
+    await drain(settings, engine)
+    [item] = await fetch(database_url, "SELECT state, last_error FROM enrichment_queue")
+    assert item["state"] == "failed" and item["last_error"].startswith("not_found")
+    run = (await client.get("/runs/ghost", headers=auth())).json()
+    assert run["enrichment_error"].startswith("not_found")
+
+
+async def test_refused_key_ends_the_item_and_pauses_the_worker(
+    enriching_client, fake, database_url
+):
+    client, settings, engine = enriching_client
+    fake.api_key = "a_different_key"
+    for run_id in ("k1", "k2"):
+        fake.runs[run_id] = full_run(run_id)
+        await post_delivery(client, envelope(run_id, status="failed", output=None))
+    enricher = Enricher(settings, engine)
+    claimed = await enricher.claim()
+    assert claimed is not None
+    assert await enricher.process(*claimed) == "failed"
+    assert enricher.paused_until > time.monotonic() + 60
+    states = await fetch(
+        database_url, "SELECT state, last_error FROM enrichment_queue ORDER BY state"
+    )
+    assert states[0]["state"] == "failed" and states[0]["last_error"].startswith("http_401")
+    assert states[1]["state"] == "pending"  # the paused worker did not hammer the API
+    assert sum(fake.requests.values()) == 1
+    await enricher.client.aclose()
+
+
+def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "receiver", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+async def test_killed_worker_loses_nothing_and_merges_each_run_once(
+    enriching_client, fake, fake_url, database_url
+):
+    client, _, _ = enriching_client
+    ids = [f"crash_{i:02d}" for i in range(24)]
+    for run_id in ids:
+        fake.runs[run_id] = full_run(run_id)
+        await post_delivery(client, envelope(run_id, status="failed", output=None))
+    fake.delay_seconds = 0.15
+    env = receiver_env(
+        RECEIVER_DATABASE_URL=database_url,
+        RECEIVER_RUNFLOW_API_URL=fake_url,
+        RECEIVER_RUNFLOW_API_KEY="rf_test_key",
+        RECEIVER_ENRICHMENT_CONCURRENCY="4",
+        RECEIVER_ENRICHMENT_LEASE_SECONDS="2",
+        RECEIVER_ENRICHMENT_POLL_SECONDS="0.1",
+    )
+    count_done = "SELECT count(*) AS n FROM enrichment_queue WHERE state = 'done'"
+    first = _worker(env)
+    try:
+        deadline = time.monotonic() + 60
+        while (await fetch(database_url, count_done))[0]["n"] < 4:
+            assert time.monotonic() < deadline, "the worker made no progress"
+            await asyncio.sleep(0.05)
+    finally:
+        stop(first, sig=signal.SIGKILL)
+    done_at_kill = (await fetch(database_url, count_done))[0]["n"]
+    assert done_at_kill < len(ids), "killed too late to test anything"
+
+    second = _worker(env)
+    try:
+        deadline = time.monotonic() + 90
+        while (await fetch(database_url, count_done))[0]["n"] < len(ids):
+            assert time.monotonic() < deadline, "the queue was not finished after the restart"
+            await asyncio.sleep(0.1)
+    finally:
+        stop(second)
+    merges = await fetch(
+        database_url,
+        "SELECT run_id, count(*) AS n FROM deliveries WHERE signature = 'enrichment'"
+        " AND outcome = 'stored' GROUP BY run_id ORDER BY run_id",
+    )
+    assert merges == [{"run_id": run_id, "n": 1} for run_id in ids]
+    enriched = await fetch(
+        database_url, "SELECT count(*) AS n FROM runs WHERE enriched_at IS NOT NULL"
+    )
+    assert enriched[0]["n"] == len(ids)
