@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -27,6 +28,9 @@ from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailab
 from receiver.responses import error_response
 from receiver.settings import Settings
 
+if TYPE_CHECKING:
+    from receiver.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +40,7 @@ class Resources:
 
     settings: Settings
     engine: AsyncEngine
+    metrics: Metrics
 
 
 def resources(request: Request) -> Resources:
@@ -45,7 +50,7 @@ def resources(request: Request) -> Resources:
 
 def _routes() -> list[BaseRoute]:
     from receiver import openapi
-    from receiver.routes import analytics, enrichment, health, runs, webhooks
+    from receiver.routes import analytics, enrichment, health, metrics, runs, webhooks
 
     return [
         *webhooks.routes,
@@ -53,6 +58,7 @@ def _routes() -> list[BaseRoute]:
         *runs.routes,
         *analytics.routes,
         *enrichment.routes,
+        *metrics.routes,
         *openapi.routes,
     ]
 
@@ -111,9 +117,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Imported here, not at the top: ``serve`` must set PROMETHEUS_MULTIPROC_DIR before
+        # prometheus_client is first imported, and importing ``receiver`` imports this module.
+        from receiver.metrics import Metrics
+
         url = database_url or resolve_database_url(settings)[0]
         engine = create_engine(url, pool_size=settings.db_pool_size)
-        app.state.resources = Resources(settings=settings, engine=engine)
+        app.state.resources = Resources(settings=settings, engine=engine, metrics=Metrics(settings))
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
         if settings.enrichment_enabled and run_worker:

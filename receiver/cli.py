@@ -92,6 +92,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     os.environ["RECEIVER_DATABASE_URL"] = url
     os.environ["RECEIVER_SIGNING_SECRETS"] = ",".join(settings.signing_secrets)
     os.environ["RECEIVER_API_TOKENS"] = ",".join(settings.api_tokens)
+    # Each worker counts the deliveries it answers; /metrics must sum them, whichever worker
+    # is scraped. prometheus_client's multiprocess mode keeps every worker's values in files
+    # here; emptied now so counters start at zero with the server, as Prometheus expects.
+    from receiver.metrics import prepare_multiprocess_dir
+
+    prepare_multiprocess_dir(settings.data_dir / "metrics")
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)

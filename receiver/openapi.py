@@ -26,7 +26,7 @@ _DESCRIPTIONS = {
 
 
 def all_operations() -> list[Operation]:
-    from receiver.routes import analytics, enrichment, health, runs, webhooks
+    from receiver.routes import analytics, enrichment, health, metrics, runs, webhooks
 
     return [
         *webhooks.operations,
@@ -34,6 +34,7 @@ def all_operations() -> list[Operation]:
         *runs.operations,
         *analytics.operations,
         *enrichment.operations,
+        *metrics.operations,
     ]
 
 
@@ -65,6 +66,9 @@ def build_document(operations: list[Operation]) -> dict[str, Any]:
             response: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, str(status))}
             if model is not None:
                 response["content"] = {"application/json": {"schema": ref(model)}}
+            elif status == 200 and op.text_media_types:
+                text = {"schema": {"type": "string"}}
+                response["content"] = dict.fromkeys(op.text_media_types, text)
             if status == 503:
                 response["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
             entry["responses"][str(status)] = response

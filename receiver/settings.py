@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     enrichment_lease_seconds: float = Field(default=60.0, gt=0)
     enrichment_poll_seconds: float = Field(default=1.0, gt=0)
     enrichment_auth_pause_seconds: float = Field(default=300.0, gt=0)
+    # /metrics: failure codes past this many (by count) are reported as failure_code="other".
+    metrics_top_failure_codes: int = Field(default=20, ge=1, le=1000)
 
     @property
     def enrichment_enabled(self) -> bool:

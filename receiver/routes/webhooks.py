@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from starlette.requests import Request
@@ -11,8 +12,8 @@ from starlette.routing import Route
 
 from receiver import ingest
 from receiver.apidoc import Operation, Param
-from receiver.app import resources
-from receiver.errors import PayloadTooLarge
+from receiver.app import DATABASE_DOWN, resources
+from receiver.errors import PayloadTooLarge, ReceiverError
 from receiver.ingest import RawDelivery
 from receiver.responses import ORJSONResponse
 from receiver.schemas import ErrorBody, IngestAnswer
@@ -37,6 +38,25 @@ async def read_capped(request: Request, limit: int) -> bytes | None:
 
 
 async def receive_runflow(request: Request) -> Response:
+    """Handle one delivery, counting its outcome and timing it for /metrics."""
+    started = time.perf_counter()
+    metrics = resources(request).metrics
+    try:
+        response, outcome = await _receive(request)
+    except ReceiverError as error:
+        # A 4xx is a rejection Runflow caused; a 5xx is an answer the receiver failed to give.
+        outcome = "rejected" if error.status_code < 500 else "error"
+        metrics.delivery(outcome, error.code, time.perf_counter() - started)
+        raise
+    except Exception as exc:
+        cause = "unavailable" if isinstance(exc, DATABASE_DOWN) else "internal_error"
+        metrics.delivery("error", cause, time.perf_counter() - started)
+        raise
+    metrics.delivery(outcome, "", time.perf_counter() - started)
+    return response
+
+
+async def _receive(request: Request) -> tuple[Response, str]:
     res = resources(request)
     received_at = datetime.now(UTC)
     headers = {name.lower(): value for name, value in request.headers.items()}
@@ -61,7 +81,7 @@ async def receive_runflow(request: Request) -> Response:
         content["run_id"] = result.run_id
     if result.duplicate_of is not None:
         content["duplicate_of"] = result.duplicate_of
-    return ORJSONResponse(content)
+    return ORJSONResponse(content), result.outcome
 
 
 INGEST = Operation(
