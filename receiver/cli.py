@@ -92,12 +92,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     os.environ["RECEIVER_DATABASE_URL"] = url
     os.environ["RECEIVER_SIGNING_SECRETS"] = ",".join(settings.signing_secrets)
     os.environ["RECEIVER_API_TOKENS"] = ",".join(settings.api_tokens)
-    # Each worker counts the deliveries it answers; /metrics must sum them, whichever worker
-    # is scraped. prometheus_client's multiprocess mode keeps every worker's values in files
-    # here; emptied now so counters start at zero with the server, as Prometheus expects.
-    from receiver.metrics import prepare_multiprocess_dir
-
-    prepare_multiprocess_dir(settings.data_dir / "metrics")
+    prepare_metrics_dir(settings.data_dir / "metrics")
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)
@@ -116,6 +111,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def prepare_metrics_dir(directory: Path) -> None:
+    """Point prometheus_client's multiprocess mode at an emptied ``directory``, for the workers.
+
+    Each worker counts the deliveries it answers; /metrics must sum them whichever worker is
+    scraped, so every worker writes its values to files here (see ``receiver.metrics``). The
+    files of an earlier run are removed so counters start at zero with the server, as
+    Prometheus expects. Nothing in this process may import prometheus_client before this:
+    the library chooses where values live when it is first imported.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

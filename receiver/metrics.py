@@ -59,21 +59,6 @@ _TERMINAL = (
 )
 
 
-def prepare_multiprocess_dir(path: os.PathLike[str] | str) -> str:
-    """Empty ``path`` of earlier runs' value files and export it for the workers to inherit.
-
-    Must run before anything imports ``prometheus_client`` in this process: the library
-    picks its value storage at import time.
-    """
-    directory = os.fspath(path)
-    os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):
-        if name.endswith(".db"):
-            os.remove(os.path.join(directory, name))
-    os.environ[MULTIPROC_ENV] = directory
-    return directory
-
-
 def fold_failures(
     rows: Iterable[tuple[str | None, str | None, int]], top: int
 ) -> dict[tuple[str, str], int]:
