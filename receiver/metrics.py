@@ -19,9 +19,10 @@ Two sources, chosen per metric by what makes it exact:
   so cardinality stays bounded), ``runflow_receiver_runs_24h`` (runs by terminal status over
   the same window) and the enrichment queue's depth and oldest pending age. The database is
   the one place that knows these for all workers and replicas at once, so they are exact by
-  construction; each is a range read of an index (``ix_runs_status_sort`` carries the failure
-  columns, ``ix_runs_sort`` the status). Should the database not answer, the scrape still
-  returns the in-process metrics, with ``runflow_receiver_database_up`` 0.
+  construction; the runs reads are 24-hour ranges of existing indexes (``ix_runs_status_sort``
+  includes the failure columns, ``ix_runs_sort`` the status). Should the database not
+  answer, the scrape still returns the in-process metrics, with
+  ``runflow_receiver_database_up`` 0.
 """
 
 from __future__ import annotations

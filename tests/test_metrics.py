@@ -47,8 +47,8 @@ def single(text: str, name: str) -> float:
 
 
 @asynccontextmanager
-async def serving_in_process(settings: Settings, **kw: object) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, **kw)  # type: ignore[arg-type]
+async def serving_in_process(settings: Settings, **kw) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, **kw)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://receiver.test") as c:
