@@ -255,7 +255,8 @@ async def print_plans(conn: asyncpg.Connection, now: datetime) -> None:
             [after, before],
         ),
         "timeseries 7d": (
-            "SELECT date_trunc('hour', sort_at, 'UTC'), count(*) FROM runs WHERE sort_at >= $1"
+            "SELECT date_bin('1 hour', sort_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'), count(*)"
+            " FROM runs WHERE sort_at >= $1"
             " AND sort_at < $2 GROUP BY 1",
             [after, before],
         ),
