@@ -135,7 +135,7 @@ NAIVE = {
         " AND created_at >= $1 AND created_at < $2 GROUP BY 1, 2 ORDER BY 3 DESC",
     ],
     "timeseries": [
-        "SELECT date_trunc('hour', created_at, 'UTC'), count(*),"
+        "SELECT date_bin('1 hour', created_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'), count(*),"
         " count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed'),"
         " count(*) FILTER (WHERE status = 'cancelled') FROM runs_naive"
         " WHERE created_at >= $1 AND created_at < $2 GROUP BY 1",
