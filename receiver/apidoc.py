@@ -47,6 +47,7 @@ class Operation:
     params: tuple[Param, ...] = ()
     authenticated: bool = True
     request_body: dict[str, Any] | None = None
+    request_model: type[BaseModel] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     def query_names(self) -> set[str]:

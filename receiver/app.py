@@ -45,9 +45,10 @@ def resources(request: Request) -> Resources:
 
 def _routes() -> list[BaseRoute]:
     from receiver import openapi
-    from receiver.routes import analytics, enrichment, health, runs, webhooks
+    from receiver.routes import alerts, analytics, enrichment, health, runs, webhooks
 
     return [
+        *alerts.routes,
         *webhooks.routes,
         *health.routes,
         *runs.routes,
@@ -101,12 +102,35 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
 )
 
 
+async def _start_background(
+    settings: Settings, engine: AsyncEngine, stop: asyncio.Event
+) -> list[asyncio.Task[None]]:
+    """The enrichment worker (when enabled), the alert evaluator and the alert sender."""
+    from receiver.alerts.evaluate import run_evaluator
+    from receiver.alerts.notify import run_sender
+    from receiver.alerts.rules import load_rules_file, upsert_rule
+
+    if settings.alert_rules_file is not None:
+        for rule in load_rules_file(settings.alert_rules_file):
+            await upsert_rule(engine, rule)
+    tasks = [
+        asyncio.create_task(run_evaluator(settings, engine, stop)),
+        asyncio.create_task(run_sender(settings, engine, stop)),
+    ]
+    if settings.enrichment_enabled:
+        from receiver.enrichment import Enricher
+
+        tasks.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
+    return tasks
+
+
 def create_app(
     settings: Settings, *, database_url: str | None = None, run_worker: bool = True
 ) -> Starlette:
     """The receiver app. ``database_url`` overrides settings (``serve`` passes the embedded one).
 
-    With ``run_worker`` (the default) the enrichment worker runs inside the app when enabled.
+    With ``run_worker`` (the default) the background work runs inside the app: enrichment
+    (when enabled), alert evaluation and alert notifications.
     """
 
     @contextlib.asynccontextmanager
@@ -116,10 +140,8 @@ def create_app(
         app.state.resources = Resources(settings=settings, engine=engine)
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
-        if settings.enrichment_enabled and run_worker:
-            from receiver.enrichment import Enricher
-
-            background.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
+        if run_worker:
+            background += await _start_background(settings, engine, stop)
         try:
             yield
         finally:

@@ -10,9 +10,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from receiver.errors import ReceiverError
 from receiver.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -57,7 +61,6 @@ def ensure_credentials(settings: Settings) -> Settings:
 
 def prepare_database(settings: Settings, *, migrate: bool) -> str:
     """The database URL to serve from: embedded ones are migrated, external ones checked."""
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from receiver.db import create_engine, resolve_database_url
     from receiver.migrations import current_revision, head_revision, upgrade
@@ -87,6 +90,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     settings = ensure_credentials(settings)
+    if settings.alert_rules_file is not None:
+        from receiver.alerts.rules import load_rules_file
+
+        try:
+            load_rules_file(settings.alert_rules_file)
+        except (OSError, ReceiverError) as exc:
+            detail = getattr(exc, "details", None) or ""
+            raise ConfigError(f"RECEIVER_ALERT_RULES_FILE: {exc} {detail}".strip()) from None
     url = prepare_database(settings, migrate=args.migrate)
     # Worker processes build their settings from the environment: hand them what was resolved.
     os.environ["RECEIVER_DATABASE_URL"] = url
@@ -134,24 +145,22 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _engine_for(settings: Settings) -> tuple[str, object]:
+def open_engine(settings: Settings) -> AsyncEngine:
+    """An engine on the configured database, whose schema must be at head."""
     from receiver.db import create_engine
 
     url = prepare_database(settings, migrate=False)
-    return url, create_engine(url, pool_size=max(2, settings.enrichment_concurrency + 1))
+    return create_engine(url, pool_size=max(2, settings.enrichment_concurrency + 1))
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
     from receiver.enrichment import Enricher
 
     if not settings.runflow_api_key:
         raise ConfigError("RECEIVER_RUNFLOW_API_KEY is not set: there is nothing to enrich with")
     if settings.enrichment_concurrency == 0:
         raise ConfigError("RECEIVER_ENRICHMENT_CONCURRENCY is 0: the worker would do nothing")
-    _, engine = _engine_for(settings)
-    assert isinstance(engine, AsyncEngine)
+    engine = open_engine(settings)
 
     async def work() -> None:
         stop = asyncio.Event()
@@ -169,8 +178,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
     from receiver.backfill import BackfillError, backfill
     from receiver.queryparams import parse_datetime
 
@@ -181,8 +188,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         until = parse_datetime("--until", args.until) if args.until else None
     except ReceiverError as exc:
         raise ConfigError(exc.message) from None
-    _, engine = _engine_for(settings)
-    assert isinstance(engine, AsyncEngine)
+    engine = open_engine(settings)
 
     async def run() -> dict[str, int]:
         try:
@@ -240,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
     """Subcommands that live with their own modules."""
     from receiver import simulate
+    from receiver.alerts import cli as alerts_cli
 
-    return [simulate.register]
+    return [simulate.register, alerts_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

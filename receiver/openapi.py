@@ -26,9 +26,10 @@ _DESCRIPTIONS = {
 
 
 def all_operations() -> list[Operation]:
-    from receiver.routes import analytics, enrichment, health, runs, webhooks
+    from receiver.routes import alerts, analytics, enrichment, health, runs, webhooks
 
     return [
+        *alerts.operations,
         *webhooks.operations,
         *health.operations,
         *runs.operations,
@@ -59,7 +60,12 @@ def build_document(operations: list[Operation]) -> dict[str, Any]:
         }
         if op.authenticated:
             entry["security"] = [{"bearer": []}]
-        if op.request_body is not None:
+        if op.request_model is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(op.request_model)}},
+            }
+        elif op.request_body is not None:
             entry["requestBody"] = op.request_body
         for status, model in op.responses.items():
             response: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, str(status))}

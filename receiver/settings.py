@@ -48,6 +48,16 @@ class Settings(BaseSettings):
     enrichment_poll_seconds: float = Field(default=1.0, gt=0)
     enrichment_auth_pause_seconds: float = Field(default=300.0, gt=0)
 
+    # Alerting.
+    alert_rules_file: Path | None = None
+    alert_interval_seconds: float = Field(default=15.0, gt=0)
+    alert_poll_seconds: float = Field(default=1.0, gt=0)
+    alert_max_attempts: int = Field(default=8, ge=1)
+    alert_backoff_seconds: float = Field(default=1.0, gt=0)
+    alert_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    alert_timeout_seconds: float = Field(default=10.0, gt=0)
+    public_url: str | None = None  # base of the /runs links in notifications
+
     @property
     def enrichment_enabled(self) -> bool:
         return bool(self.runflow_api_key) and self.enrichment_concurrency > 0
