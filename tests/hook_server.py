@@ -35,8 +35,7 @@ class HookServer:
         self.attempts += 1
         if self.hold is not None:
             self.waiting += 1
-            while not self.hold.is_set():
-                await asyncio.sleep(0.02)
+            await asyncio.to_thread(self.hold.wait)
             self.waiting -= 1
         status = self.statuses.pop(0) if self.statuses else 200
         if status < 300:

@@ -87,13 +87,20 @@ class Rule(BaseModel):
 
 def validate_rule(data: object) -> Rule:
     try:
-        return Rule.model_validate(data)
+        rule = Rule.model_validate(data)
     except ValidationError as exc:
         details = [
             {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]}
             for e in exc.errors(include_url=False, include_input=False)
         ]
         raise InvalidRule("alert rule is not valid", details) from None
+    try:
+        stored = orjson.dumps(rule.definition())
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRule(f"alert rule is not storable: {exc}") from None
+    if b"\\u0000" in stored:
+        raise InvalidRule("alert rule strings may not contain NUL characters")
+    return rule
 
 
 def load_rules_file(path: Path) -> list[Rule]:

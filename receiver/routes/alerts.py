@@ -14,7 +14,7 @@ from receiver.apidoc import PAGE_PARAMS, Operation, Param, check_params
 from receiver.app import resources
 from receiver.auth import authenticated
 from receiver.db import driver_connection
-from receiver.errors import Conflict, InvalidRule, NotFound
+from receiver.errors import Conflict, InvalidQuery, InvalidRule, NotFound
 from receiver.queryparams import decode_cursor, encode_cursor, parse_limit
 from receiver.responses import ORJSONResponse
 from receiver.schemas import AlertEventPage, AlertRuleOut, AlertRules, ErrorBody
@@ -126,7 +126,7 @@ async def list_rules(request: Request) -> Response:
 
 async def _existing(request: Request) -> tuple[int, store.Rule]:
     name = request.path_params["name"]
-    found = await store.get_rule(resources(request).engine, name)
+    found = None if "\x00" in name else await store.get_rule(resources(request).engine, name)
     if found is None:
         raise NotFound(f"no alert rule {name!r}")
     return found
@@ -156,7 +156,8 @@ async def patch_rule(request: Request) -> Response:
 @authenticated
 async def delete_rule(request: Request) -> Response:
     check_params(request.query_params, DELETE)
-    if not await store.delete_rule(resources(request).engine, request.path_params["name"]):
+    name = request.path_params["name"]
+    if "\x00" in name or not await store.delete_rule(resources(request).engine, name):
         raise NotFound(f"no alert rule {request.path_params['name']!r}")
     return Response(status_code=204)
 
@@ -169,6 +170,8 @@ async def list_events(request: Request) -> Response:
     args: list[Any] = []
     conditions = []
     if "rule" in request.query_params:
+        if "\x00" in request.query_params["rule"]:
+            raise InvalidQuery("rule contains a NUL character", [{"param": "rule"}])
         args.append(request.query_params["rule"])
         conditions.append(f"rule_name = ${len(args)}")
     if after is not None:
