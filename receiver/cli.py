@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -103,6 +104,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     os.environ["RECEIVER_DATABASE_URL"] = url
     os.environ["RECEIVER_SIGNING_SECRETS"] = ",".join(settings.signing_secrets)
     os.environ["RECEIVER_API_TOKENS"] = ",".join(settings.api_tokens)
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Counters from every worker are summed at scrape time; start from nothing.
+        metrics_dir = settings.data_dir.resolve() / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)

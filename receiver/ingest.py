@@ -258,11 +258,12 @@ async def _store(
     )
     patches = [(patch.run_id, patch.fields) for patch in parsed.runs if patch.run_id]
     if patches:
-        envelope_only = await store.merge_patches(
+        merged = await store.merge_patches(
             conn, delivery_id=result.delivery_id, received_at=entry.received_at, patches=patches
         )
-        if enrich and envelope_only:
-            await store.enqueue_enrichment(conn, envelope_only)
+        result.reached_terminal = merged.reached_terminal
+        if enrich and merged.envelope_only:
+            await store.enqueue_enrichment(conn, merged.envelope_only)
     if run_id is not None:
         await store.upsert_children(conn, run_id, parsed)
     if parsed.batch is not None:

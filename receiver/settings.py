@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     alert_backoff_max_seconds: float = Field(default=300.0, gt=0)
     alert_timeout_seconds: float = Field(default=10.0, gt=0)
     public_url: str | None = None  # base of the /runs links in notifications
+    metrics_top_failure_codes: int = Field(default=20, ge=1, le=500)
 
     @property
     def enrichment_enabled(self) -> bool:

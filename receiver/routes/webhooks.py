@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver import ingest
+from receiver import ingest, metrics
 from receiver.apidoc import Operation, Param
-from receiver.app import resources
-from receiver.errors import PayloadTooLarge
+from receiver.app import DATABASE_DOWN, resources
+from receiver.errors import PayloadTooLarge, ReceiverError, Unavailable
 from receiver.ingest import RawDelivery
 from receiver.responses import ORJSONResponse
 from receiver.schemas import ErrorBody, IngestAnswer
@@ -37,6 +38,25 @@ async def read_capped(request: Request, limit: int) -> bytes | None:
 
 
 async def receive_runflow(request: Request) -> Response:
+    started = time.perf_counter()
+    try:
+        response = await _receive(request)
+    except ReceiverError as error:
+        outcome = "unavailable" if isinstance(error, Unavailable) else "rejected"
+        metrics.DELIVERIES.labels(outcome, error.code).inc()
+        raise
+    except DATABASE_DOWN:
+        metrics.DELIVERIES.labels("unavailable", Unavailable.code).inc()
+        raise
+    except Exception:
+        metrics.DELIVERIES.labels("error", "internal_error").inc()
+        raise
+    finally:
+        metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
+    return response
+
+
+async def _receive(request: Request) -> Response:
     res = resources(request)
     received_at = datetime.now(UTC)
     headers = {name.lower(): value for name, value in request.headers.items()}
@@ -61,6 +81,8 @@ async def receive_runflow(request: Request) -> Response:
         content["run_id"] = result.run_id
     if result.duplicate_of is not None:
         content["duplicate_of"] = result.duplicate_of
+    metrics.DELIVERIES.labels(result.outcome, "").inc()
+    metrics.record_terminal(result.reached_terminal)
     return ORJSONResponse(content)
 
 

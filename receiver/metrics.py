@@ -1,0 +1,137 @@
+"""Prometheus metrics for ``GET /metrics``.
+
+Two sources, each chosen for being exact with several uvicorn workers:
+
+- Counted where they happen (deliveries by outcome and cause, ingest latency, runs reaching a
+  terminal status): prometheus_client in multiprocess mode. ``serve`` points
+  PROMETHEUS_MULTIPROC_DIR at an empty directory before the workers start; each worker writes
+  its own files and a scrape, whichever worker answers it, sums them all. A latency histogram
+  cannot be rebuilt from the database, and counting in the database would put a hot counter
+  row on every ingest transaction.
+- Read from PostgreSQL at scrape time (failures of the last 24 hours by code and stage,
+  enrichment queue depth, alert rule states): the database already holds them exactly, and
+  the indexes make each read a few milliseconds.
+
+Without PROMETHEUS_MULTIPROC_DIR (tests, the in-process app) the counters are per process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import orjson
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from receiver.db import driver_connection
+from receiver.enrichment import queue_status
+from receiver.settings import Settings
+
+DELIVERIES = Counter(
+    "runflow_receiver_deliveries",
+    "Webhook requests by outcome (stored, duplicate, rejected, unavailable, error) and cause",
+    ["outcome", "cause"],
+)
+INGEST_SECONDS = Histogram(
+    "runflow_receiver_ingest_seconds",
+    "Time to handle a webhook request, body read to answer",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+RUNS_TERMINAL = Counter(
+    "runflow_receiver_runs_terminal",
+    "Runs that reached a terminal status (or changed between terminal statuses)",
+    ["status"],
+)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def record_terminal(transitions: Iterable[str]) -> None:
+    for status in transitions:
+        RUNS_TERMINAL.labels(status).inc()
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+async def database_families(settings: Settings, engine: AsyncEngine) -> list[Metric]:
+    failures = GaugeMetricFamily(
+        "runflow_receiver_failures_24h",
+        "Failed runs created in the last 24 hours, by failure code (top N, the rest as other)"
+        " and stage",
+        labels=["failure_code", "failure_stage"],
+    )
+    async with driver_connection(engine) as conn:
+        rows = await conn.fetch(
+            "SELECT failure_code, failure_stage, count(*) AS n FROM runs WHERE status = 'failed'"
+            " AND sort_at >= now() - interval '24 hours' GROUP BY 1, 2"
+        )
+        states = await conn.fetch(
+            "SELECT r.name, s.group_key, s.state, s.value FROM alert_states s"
+            " JOIN alert_rules r ON r.id = s.rule_id"
+        )
+    per_code: dict[str, int] = {}
+    for row in rows:
+        code = row["failure_code"] or "unknown"
+        per_code[code] = per_code.get(code, 0) + row["n"]
+    top = set(
+        sorted(per_code, key=lambda c: (-per_code[c], c))[: settings.metrics_top_failure_codes]
+    )
+    folded: dict[tuple[str, str], int] = {}
+    for row in rows:
+        code = row["failure_code"] or "unknown"
+        key = (code if code in top else "other", row["failure_stage"] or "unknown")
+        folded[key] = folded.get(key, 0) + row["n"]
+    for (code, stage), count in sorted(folded.items()):
+        failures.add_metric([code, stage], count)
+
+    queue = await queue_status(engine)
+    depth = GaugeMetricFamily(
+        "runflow_receiver_enrichment_queue_depth", "Runs waiting for enrichment"
+    )
+    depth.add_metric([], queue["pending"])
+    oldest = GaugeMetricFamily(
+        "runflow_receiver_enrichment_oldest_seconds", "Age of the oldest run waiting for enrichment"
+    )
+    oldest.add_metric([], queue["oldest_pending_seconds"] or 0.0)
+    failed = GaugeMetricFamily(
+        "runflow_receiver_enrichment_failed", "Runs whose enrichment ended without a Run object"
+    )
+    failed.add_metric([], queue["failed"])
+
+    alert = GaugeMetricFamily(
+        "runflow_receiver_alert_state",
+        "1 for the current state of each alert rule and group",
+        labels=["rule", "group", "state"],
+    )
+    for row in states:
+        group: dict[str, Any] = orjson.loads(row["group_key"])
+        label = ",".join(f"{k}={v}" for k, v in sorted(group.items()))
+        alert.add_metric([row["name"], label, row["state"]], 1)
+    return [failures, depth, oldest, failed, alert]
+
+
+async def render(settings: Settings, engine: AsyncEngine) -> bytes:
+    """The /metrics body: process or multiprocess counters, then the database's figures."""
+    registry = CollectorRegistry()
+    registry.register(_Families(await database_families(settings, engine)))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        counted = CollectorRegistry()
+        MultiProcessCollector(counted)  # type: ignore[no-untyped-call]
+        return generate_latest(counted) + generate_latest(registry)
+    return generate_latest(REGISTRY) + generate_latest(registry)
