@@ -230,3 +230,18 @@ async def test_rules_api_create_list_patch_delete_and_events(quiet_app):
     assert (await client.get("/alerts/rules/oom", headers=auth())).status_code == 404
     assert (await client.get("/alerts/rules", headers=auth())).json() == {"items": []}
     assert (await client.get("/alerts/rules")).status_code == 401
+
+
+def test_the_example_rules_file_in_deploy_is_valid():
+    from pathlib import Path
+
+    from receiver.alerts.rules import load_rules_file
+
+    example = Path(__file__).resolve().parent.parent / "deploy" / "alert-rules.example.yaml"
+    names = [r.name for r in load_rules_file(example)]
+    assert names == [
+        "model-failure-burst",
+        "dispatch-failure-rate",
+        "callbacks-stopped",
+        "comfyui-slow",
+    ]
