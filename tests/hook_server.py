@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.serve_process import free_port
+from tests.serve_process import serve_in_thread
 
 
 @dataclass
@@ -50,20 +48,11 @@ class HookServer:
 
 @contextmanager
 def serve_hook(hook: HookServer) -> Iterator[str]:
-    port = free_port()
+    """The hook on a free 127.0.0.1 port in a thread; yields its URL."""
     app = Starlette(routes=[Route("/hook", hook.hook, methods=["POST"])])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("hook server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/hook"
-    finally:
-        if hook.hold is not None:
-            hook.hold.set()
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_in_thread(app) as port:
+        try:
+            yield f"http://127.0.0.1:{port}/hook"
+        finally:
+            if hook.hold is not None:
+                hook.hold.set()  # release held requests before the server shuts down
