@@ -217,6 +217,46 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    """Process kept deliveries again: the ids given, or every rejected one."""
+    from receiver.ingest import replay
+
+    if not args.ids and not args.all_rejected:
+        raise ConfigError("name delivery ids, or pass --all-rejected")
+    engine = open_engine(settings)
+
+    async def run() -> int:
+        from receiver.db import driver_connection
+
+        ids = list(args.ids)
+        if args.all_rejected:
+            async with driver_connection(engine) as conn:
+                rows = await conn.fetch(
+                    "SELECT id FROM deliveries WHERE outcome = 'rejected' AND body IS NOT NULL"
+                    " ORDER BY received_at, id"
+                )
+            ids += [row["id"] for row in rows]
+        still_rejected = 0
+        try:
+            for delivery_id in ids:
+                try:
+                    result = await replay(engine, delivery_id)
+                except ReceiverError as exc:
+                    print(f"delivery {delivery_id}: {exc.code}: {exc.message}")
+                    still_rejected += 1
+                    continue
+                where = result.run_id or result.batch_id or ""
+                cause = f" ({result.cause})" if result.cause else ""
+                print(f"delivery {delivery_id}: {result.outcome} {where}{cause}".rstrip())
+                still_rejected += result.outcome == "rejected"
+        finally:
+            await engine.dispose()
+        print(f"replayed {len(ids)}: {len(ids) - still_rejected} accepted, {still_rejected} not")
+        return 1 if still_rejected else 0
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runflow-receiver",
@@ -235,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
     migrate.set_defaults(handler=cmd_migrate)
+
+    replay = sub.add_parser("replay", help="process kept deliveries again (after a fix)")
+    replay.add_argument("ids", nargs="*", type=int, help="delivery ids")
+    replay.add_argument(
+        "--all-rejected", action="store_true", help="every rejected delivery that kept its body"
+    )
+    replay.set_defaults(handler=cmd_replay)
 
     worker = sub.add_parser("worker", help="run the enrichment worker on its own")
     worker.set_defaults(handler=cmd_worker)
