@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import uuid
 import sys
+import uuid
 
 from receiver.alerts.rules import upsert_rule
 from tests.builders import post_delivery, run_object
