@@ -7,6 +7,7 @@ Percentiles are exact: the nearest-rank value actually observed (as ``percentile
 
 from __future__ import annotations
 
+import asyncio
 import math
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -48,20 +49,24 @@ async def _fetch(
 
 async def failures(engine: AsyncEngine, filters: RunFilters, group_by: list[str]) -> dict[str, Any]:
     where = run_filters(filters)
-    totals = await _fetch(
-        engine,
-        "SELECT count(*) AS total, count(*) FILTER (WHERE status = 'failed') AS failed"
-        f" FROM runs WHERE {where.sql()}",
-        where.args,
-    )
     failed_where = run_filters(filters)
     failed_where.add("status = {}", "failed")
-    rows = await _fetch(
-        engine,
-        f"SELECT {_select_dims(group_by)}count(*) AS count FROM runs"
-        f" WHERE {failed_where.sql()} {_group_clause(group_by)}"
-        " ORDER BY count DESC" + "".join(f", {n} NULLS LAST" for n in group_by),
-        failed_where.args,
+    # Two connections at once: the window count reads every run, the breakdown only the
+    # failed ones, and neither needs the other's answer.
+    totals, rows = await asyncio.gather(
+        _fetch(
+            engine,
+            "SELECT count(*) AS total, count(*) FILTER (WHERE status = 'failed') AS failed"
+            f" FROM runs WHERE {where.sql()}",
+            where.args,
+        ),
+        _fetch(
+            engine,
+            f"SELECT {_select_dims(group_by)}count(*) AS count FROM runs"
+            f" WHERE {failed_where.sql()} {_group_clause(group_by)}"
+            " ORDER BY count DESC" + "".join(f", {n} NULLS LAST" for n in group_by),
+            failed_where.args,
+        ),
     )
     failed = int(totals[0]["failed"])
     groups = []
