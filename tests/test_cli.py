@@ -71,22 +71,10 @@ def test_bad_configuration_stops_with_one_line(tmp_path):
 
 
 def test_serve_refuses_an_external_database_not_at_head(server_url, tmp_path):
-    import asyncpg
-
-    from receiver.db import plain_url
-    from tests.conftest import _with_database
+    from tests.conftest import _with_database, admin_sql
 
     name = f"rf_behind_{uuid.uuid4().hex[:8]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(plain_url(server_url))
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}"'))
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    admin_sql(server_url, f'CREATE DATABASE "{name}"')
     try:
         env = receiver_env(
             RECEIVER_DATABASE_URL=_with_database(server_url, name), RECEIVER_DATA_DIR=str(tmp_path)
@@ -100,6 +88,6 @@ def test_serve_refuses_an_external_database_not_at_head(server_url, tmp_path):
             timeout=60,
         )
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert done.returncode == 2
     assert "schema is at nothing" in done.stderr and "runflow-receiver migrate" in done.stderr
