@@ -47,9 +47,8 @@ class Operation:
     params: tuple[Param, ...] = ()
     authenticated: bool = True
     request_body: dict[str, Any] | None = None
+    request_model: type[BaseModel] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
-    # Media types of a 200 whose body is text rather than a model (its responses entry: None).
-    text_media_types: tuple[str, ...] = ()
 
     def query_names(self) -> set[str]:
         return {p.name for p in self.params if p.location == "query"}

@@ -11,7 +11,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import asyncpg
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -28,9 +27,6 @@ from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailab
 from receiver.responses import error_response
 from receiver.settings import Settings
 
-if TYPE_CHECKING:
-    from receiver.metrics import Metrics
-
 log = logging.getLogger(__name__)
 
 
@@ -40,7 +36,6 @@ class Resources:
 
     settings: Settings
     engine: AsyncEngine
-    metrics: Metrics
 
 
 def resources(request: Request) -> Resources:
@@ -50,15 +45,15 @@ def resources(request: Request) -> Resources:
 
 def _routes() -> list[BaseRoute]:
     from receiver import openapi
-    from receiver.routes import analytics, enrichment, health, metrics, runs, webhooks
+    from receiver.routes import alerts, analytics, enrichment, health, runs, webhooks
 
     return [
+        *alerts.routes,
         *webhooks.routes,
         *health.routes,
         *runs.routes,
         *analytics.routes,
         *enrichment.routes,
-        *metrics.routes,
         *openapi.routes,
     ]
 
@@ -107,29 +102,46 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
 )
 
 
+async def _start_background(
+    settings: Settings, engine: AsyncEngine, stop: asyncio.Event
+) -> list[asyncio.Task[None]]:
+    """The enrichment worker (when enabled), the alert evaluator and the alert sender."""
+    from receiver.alerts.evaluate import run_evaluator
+    from receiver.alerts.notify import run_sender
+    from receiver.alerts.rules import load_rules_file, upsert_rule
+
+    if settings.alert_rules_file is not None:
+        for rule in load_rules_file(settings.alert_rules_file):
+            await upsert_rule(engine, rule)
+    tasks = [
+        asyncio.create_task(run_evaluator(settings, engine, stop)),
+        asyncio.create_task(run_sender(settings, engine, stop)),
+    ]
+    if settings.enrichment_enabled:
+        from receiver.enrichment import Enricher
+
+        tasks.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
+    return tasks
+
+
 def create_app(
     settings: Settings, *, database_url: str | None = None, run_worker: bool = True
 ) -> Starlette:
     """The receiver app. ``database_url`` overrides settings (``serve`` passes the embedded one).
 
-    With ``run_worker`` (the default) the enrichment worker runs inside the app when enabled.
+    With ``run_worker`` (the default) the background work runs inside the app: enrichment
+    (when enabled), alert evaluation and alert notifications.
     """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        # Imported here, not at the top: ``serve`` must set PROMETHEUS_MULTIPROC_DIR before
-        # prometheus_client is first imported, and importing ``receiver`` imports this module.
-        from receiver.metrics import Metrics
-
         url = database_url or resolve_database_url(settings)[0]
         engine = create_engine(url, pool_size=settings.db_pool_size)
-        app.state.resources = Resources(settings=settings, engine=engine, metrics=Metrics(settings))
+        app.state.resources = Resources(settings=settings, engine=engine)
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
-        if settings.enrichment_enabled and run_worker:
-            from receiver.enrichment import Enricher
-
-            background.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
+        if run_worker:
+            background += await _start_background(settings, engine, stop)
         try:
             yield
         finally:

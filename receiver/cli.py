@@ -6,13 +6,18 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from receiver.errors import ReceiverError
 from receiver.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -57,7 +62,6 @@ def ensure_credentials(settings: Settings) -> Settings:
 
 def prepare_database(settings: Settings, *, migrate: bool) -> str:
     """The database URL to serve from: embedded ones are migrated, external ones checked."""
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from receiver.db import create_engine, resolve_database_url
     from receiver.migrations import current_revision, head_revision, upgrade
@@ -87,12 +91,25 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     settings = ensure_credentials(settings)
+    if settings.alert_rules_file is not None:
+        from receiver.alerts.rules import load_rules_file
+
+        try:
+            load_rules_file(settings.alert_rules_file)
+        except (OSError, ReceiverError) as exc:
+            detail = getattr(exc, "details", None) or ""
+            raise ConfigError(f"RECEIVER_ALERT_RULES_FILE: {exc} {detail}".strip()) from None
     url = prepare_database(settings, migrate=args.migrate)
     # Worker processes build their settings from the environment: hand them what was resolved.
     os.environ["RECEIVER_DATABASE_URL"] = url
     os.environ["RECEIVER_SIGNING_SECRETS"] = ",".join(settings.signing_secrets)
     os.environ["RECEIVER_API_TOKENS"] = ",".join(settings.api_tokens)
-    prepare_metrics_dir(settings.data_dir / "metrics")
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Counters from every worker are summed at scrape time; start from nothing.
+        metrics_dir = settings.data_dir.resolve() / "metrics"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)
@@ -111,21 +128,6 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=10,
     )
     return 0
-
-
-def prepare_metrics_dir(directory: Path) -> None:
-    """Point prometheus_client's multiprocess mode at an emptied ``directory``, for the workers.
-
-    Each worker counts the deliveries it answers; /metrics must sum them whichever worker is
-    scraped, so every worker writes its values to files here (see ``receiver.metrics``). The
-    files of an earlier run are removed so counters start at zero with the server, as
-    Prometheus expects. Nothing in this process may import prometheus_client before this:
-    the library chooses where values live when it is first imported.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.db"):
-        stale.unlink()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -150,24 +152,22 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _engine_for(settings: Settings) -> tuple[str, object]:
+def open_engine(settings: Settings) -> AsyncEngine:
+    """An engine on the configured database, whose schema must be at head."""
     from receiver.db import create_engine
 
     url = prepare_database(settings, migrate=False)
-    return url, create_engine(url, pool_size=max(2, settings.enrichment_concurrency + 1))
+    return create_engine(url, pool_size=max(2, settings.enrichment_concurrency + 1))
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
     from receiver.enrichment import Enricher
 
     if not settings.runflow_api_key:
         raise ConfigError("RECEIVER_RUNFLOW_API_KEY is not set: there is nothing to enrich with")
     if settings.enrichment_concurrency == 0:
         raise ConfigError("RECEIVER_ENRICHMENT_CONCURRENCY is 0: the worker would do nothing")
-    _, engine = _engine_for(settings)
-    assert isinstance(engine, AsyncEngine)
+    engine = open_engine(settings)
 
     async def work() -> None:
         stop = asyncio.Event()
@@ -185,8 +185,6 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy.ext.asyncio import AsyncEngine
-
     from receiver.backfill import BackfillError, backfill
     from receiver.queryparams import parse_datetime
 
@@ -197,8 +195,7 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
         until = parse_datetime("--until", args.until) if args.until else None
     except ReceiverError as exc:
         raise ConfigError(exc.message) from None
-    _, engine = _engine_for(settings)
-    assert isinstance(engine, AsyncEngine)
+    engine = open_engine(settings)
 
     async def run() -> dict[str, int]:
         try:
@@ -220,6 +217,46 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    """Process kept deliveries again: the ids given, or every rejected one."""
+    from receiver.ingest import replay
+
+    if not args.ids and not args.all_rejected:
+        raise ConfigError("name delivery ids, or pass --all-rejected")
+    engine = open_engine(settings)
+
+    async def run() -> int:
+        from receiver.db import driver_connection
+
+        ids = list(args.ids)
+        if args.all_rejected:
+            async with driver_connection(engine) as conn:
+                rows = await conn.fetch(
+                    "SELECT id FROM deliveries WHERE outcome = 'rejected' AND body IS NOT NULL"
+                    " ORDER BY received_at, id"
+                )
+            ids += [row["id"] for row in rows]
+        still_rejected = 0
+        try:
+            for delivery_id in ids:
+                try:
+                    result = await replay(engine, delivery_id)
+                except ReceiverError as exc:
+                    print(f"delivery {delivery_id}: {exc.code}: {exc.message}")
+                    still_rejected += 1
+                    continue
+                where = result.run_id or result.batch_id or ""
+                cause = f" ({result.cause})" if result.cause else ""
+                print(f"delivery {delivery_id}: {result.outcome} {where}{cause}".rstrip())
+                still_rejected += result.outcome == "rejected"
+        finally:
+            await engine.dispose()
+        print(f"replayed {len(ids)}: {len(ids) - still_rejected} accepted, {still_rejected} not")
+        return 1 if still_rejected else 0
+
+    return asyncio.run(run())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runflow-receiver",
@@ -239,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
     migrate.set_defaults(handler=cmd_migrate)
 
+    replay = sub.add_parser("replay", help="process kept deliveries again (after a fix)")
+    replay.add_argument("ids", nargs="*", type=int, help="delivery ids")
+    replay.add_argument(
+        "--all-rejected", action="store_true", help="every rejected delivery that kept its body"
+    )
+    replay.set_defaults(handler=cmd_replay)
+
     worker = sub.add_parser("worker", help="run the enrichment worker on its own")
     worker.set_defaults(handler=cmd_worker)
 
@@ -256,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
     """Subcommands that live with their own modules."""
     from receiver import simulate
+    from receiver.alerts import cli as alerts_cli
 
-    return [simulate.register]
+    return [simulate.register, alerts_cli.register]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -130,4 +130,7 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
             # connection must be thrown out here or the pool would keep handing it out.
             if conn.is_closed() or isinstance(exc, CONNECTION_LOST):
                 await sa_conn.invalidate()
+                # One dead connection usually means all of them (a database restart): start
+                # the pool afresh rather than hand out its siblings one failure at a time.
+                await engine.dispose(close=False)
             raise

@@ -10,7 +10,9 @@
     ├── InvalidJson             400 invalid_json
     ├── InvalidPayload          422 invalid_payload   (the delivery is kept as rejected)
     ├── InvalidQuery            422 invalid_query
+    ├── InvalidRule             422 invalid_rule
     ├── NotReplayable           409 not_replayable    (the archive kept no body)
+    ├── Conflict                409 conflict          (e.g. an alert rule name in use)
     └── Unavailable             503 unavailable       (with Retry-After)
 
 The same ``code`` is what the delivery archive records as a rejection cause.
@@ -93,6 +95,16 @@ class InvalidQuery(ReceiverError):
 class NotReplayable(ReceiverError):
     status_code = 409
     code = "not_replayable"
+
+
+class InvalidRule(ReceiverError):
+    status_code = 422
+    code = "invalid_rule"
+
+
+class Conflict(ReceiverError):
+    status_code = 409
+    code = "conflict"
 
 
 class Unavailable(ReceiverError):

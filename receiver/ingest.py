@@ -87,10 +87,25 @@ def decode_json(body: bytes) -> dict[str, Any]:
     return document
 
 
+def without_nul(value: Any) -> Any:
+    """The value with every NUL character replaced by U+FFFD (PostgreSQL text cannot hold NUL)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
+
+
 def parse_body(content_type: str | None, body: bytes) -> ParsedPayload:
     """The pure part of the pipeline after the signature: raises a ReceiverError to reject."""
     check_content_type(content_type)
-    return parse_payload(decode_json(body))
+    document = decode_json(body)
+    if b"\\u0000" in body:
+        # JSON can only carry NUL escaped; the archive keeps the exact bytes regardless.
+        document = without_nul(document)
+    return parse_payload(document)
 
 
 def archive_entry(raw: RawDelivery, signature: str, *, keep_body: bool) -> ArchiveEntry:
@@ -243,11 +258,12 @@ async def _store(
     )
     patches = [(patch.run_id, patch.fields) for patch in parsed.runs if patch.run_id]
     if patches:
-        envelope_only = await store.merge_patches(
+        merged = await store.merge_patches(
             conn, delivery_id=result.delivery_id, received_at=entry.received_at, patches=patches
         )
-        if enrich and envelope_only:
-            await store.enqueue_enrichment(conn, envelope_only)
+        result.reached_terminal = merged.reached_terminal
+        if enrich and merged.envelope_only:
+            await store.enqueue_enrichment(conn, merged.envelope_only)
     if run_id is not None:
         await store.upsert_children(conn, run_id, parsed)
     if parsed.batch is not None:

@@ -26,15 +26,15 @@ _DESCRIPTIONS = {
 
 
 def all_operations() -> list[Operation]:
-    from receiver.routes import analytics, enrichment, health, metrics, runs, webhooks
+    from receiver.routes import alerts, analytics, enrichment, health, runs, webhooks
 
     return [
+        *alerts.operations,
         *webhooks.operations,
         *health.operations,
         *runs.operations,
         *analytics.operations,
         *enrichment.operations,
-        *metrics.operations,
     ]
 
 
@@ -60,15 +60,17 @@ def build_document(operations: list[Operation]) -> dict[str, Any]:
         }
         if op.authenticated:
             entry["security"] = [{"bearer": []}]
-        if op.request_body is not None:
+        if op.request_model is not None:
+            entry["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(op.request_model)}},
+            }
+        elif op.request_body is not None:
             entry["requestBody"] = op.request_body
         for status, model in op.responses.items():
             response: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, str(status))}
             if model is not None:
                 response["content"] = {"application/json": {"schema": ref(model)}}
-            elif status == 200 and op.text_media_types:
-                text = {"schema": {"type": "string"}}
-                response["content"] = dict.fromkeys(op.text_media_types, text)
             if status == 503:
                 response["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
             entry["responses"][str(status)] = response

@@ -69,19 +69,27 @@ def run_out(row: Any) -> dict[str, Any]:
 async def list_runs(
     engine: AsyncEngine, filters: RunFilters, *, limit: int, after: tuple[datetime, str] | None
 ) -> tuple[list[dict[str, Any]], tuple[datetime, str] | None]:
-    where = run_filters(filters)
-    if after is not None:
-        where.add("(sort_at, id) < ({}, {})", *after)
-    sql = (
-        f"SELECT {RUN_COLUMNS} FROM runs WHERE {where.sql()}"
-        f" ORDER BY sort_at DESC, id DESC LIMIT {limit + 1}"
+    rows, last = await _keyset_page(
+        engine, f"SELECT {RUN_COLUMNS} FROM runs", run_filters(filters), "sort_at", limit, after
     )
+    return [run_out(row) for row in rows], last
+
+
+async def _keyset_page(
+    engine: AsyncEngine, select: str, where: Where, key: str, limit: int, after: Any
+) -> tuple[list[Any], Any]:
+    """Rows after the cursor position, newest first on (``key``, id), and the next position.
+
+    One row more than the page is read to know whether there is a next page.
+    """
+    if after is not None:
+        where.add(f"({key}, id) < ({{}}, {{}})", *after)
+    sql = f"{select} WHERE {where.sql()} ORDER BY {key} DESC, id DESC LIMIT {limit + 1}"
     async with driver_connection(engine) as conn:
-        rows = await conn.fetch(sql, *where.args)
+        rows = list(await conn.fetch(sql, *where.args))
     more = len(rows) > limit
     rows = rows[:limit]
-    last = (rows[-1]["sort_at"], rows[-1]["id"]) if more and rows else None
-    return [run_out(row) for row in rows], last
+    return rows, ((rows[-1][key], rows[-1]["id"]) if more and rows else None)
 
 
 async def get_run(engine: AsyncEngine, run_id: str) -> dict[str, Any] | None:
@@ -124,17 +132,9 @@ async def list_deliveries(
         where.add("outcome = {}", outcomes[0])
     elif outcomes:
         where.add("outcome = ANY({}::text[])", outcomes)
-    if after is not None:
-        where.add("(received_at, id) < ({}, {})", *after)
-    sql = (
-        f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {where.sql()}"
-        f" ORDER BY received_at DESC, id DESC LIMIT {limit + 1}"
+    rows, last = await _keyset_page(
+        engine, f"SELECT {DELIVERY_COLUMNS} FROM deliveries", where, "received_at", limit, after
     )
-    async with driver_connection(engine) as conn:
-        rows = await conn.fetch(sql, *where.args)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    last = (rows[-1]["received_at"], rows[-1]["id"]) if more and rows else None
     return [delivery_out(row) for row in rows], last
 
 

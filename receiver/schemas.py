@@ -190,3 +190,36 @@ class EnrichmentStatus(_Out):
     done: int
     failed: int
     oldest_pending_seconds: float | None
+
+
+class AlertState(_Out):
+    group: dict[str, str | None]
+    state: str
+    value: float | None
+    updated_at: datetime
+
+
+class AlertRuleOut(_Out):
+    rule: dict[str, Any]
+    states: list[AlertState]
+
+
+class AlertRules(_Out):
+    items: list[AlertRuleOut]
+
+
+class AlertEvent(_Out):
+    id: int
+    rule: str
+    group: dict[str, str | None]
+    from_state: str
+    to_state: str
+    value: float | None
+    threshold: float
+    notified: bool
+    at: datetime
+
+
+class AlertEventPage(_Out):
+    items: list[AlertEvent]
+    next_cursor: str | None

@@ -47,8 +47,17 @@ class Settings(BaseSettings):
     enrichment_lease_seconds: float = Field(default=60.0, gt=0)
     enrichment_poll_seconds: float = Field(default=1.0, gt=0)
     enrichment_auth_pause_seconds: float = Field(default=300.0, gt=0)
-    # /metrics: failure codes past this many (by count) are reported as failure_code="other".
-    metrics_top_failure_codes: int = Field(default=20, ge=1, le=1000)
+
+    # Alerting.
+    alert_rules_file: Path | None = None
+    alert_interval_seconds: float = Field(default=15.0, gt=0)
+    alert_poll_seconds: float = Field(default=1.0, gt=0)
+    alert_max_attempts: int = Field(default=8, ge=1)
+    alert_backoff_seconds: float = Field(default=1.0, gt=0)
+    alert_backoff_max_seconds: float = Field(default=300.0, gt=0)
+    alert_timeout_seconds: float = Field(default=10.0, gt=0)
+    public_url: str | None = None  # base of the /runs links in notifications
+    metrics_top_failure_codes: int = Field(default=20, ge=1, le=500)
 
     @property
     def enrichment_enabled(self) -> bool:

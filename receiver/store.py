@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from receiver.merge import MergedRun, StoredPatch, fold_run, precedence
+from receiver.merge import PRECEDENCE, MergedRun, StoredPatch, fold_run, precedence
 from receiver.payloads import RUN_FIELDS, ParsedPayload
 
 # Column types of run fields that need converting between JSON patches and SQL values.
@@ -57,6 +57,7 @@ class StoreResult:
     duplicate_of: int | None = None
     cause: str | None = None
     cause_detail: dict[str, Any] | None = None
+    reached_terminal: list[str] = field(default_factory=list)
 
 
 _INSERT_DELIVERY = """
@@ -281,17 +282,22 @@ async def runs_with_client_ref(conn: Any, client_ref: str) -> list[str]:
 RUN_OBJECT_FIELDS = ("target_type", "source", "org_id", "model_id")
 
 
+@dataclass
+class MergeOutcome:
+    """What a merge changed that others care about."""
+
+    envelope_only: list[str]  # runs still lacking every Run-object field (to enrich)
+    reached_terminal: list[str]  # terminal statuses newly reached (one per run)
+
+
 async def merge_patches(
     conn: Any,
     *,
     delivery_id: int,
     received_at: datetime,
     patches: Sequence[tuple[str, dict[str, Any]]],
-) -> list[str]:
-    """Store one delivery's patches and re-fold every run they touch (in this transaction).
-
-    Returns the runs that still lack every Run-object field (candidates for enrichment).
-    """
+) -> MergeOutcome:
+    """Store one delivery's patches and re-fold every run they touch (in this transaction)."""
     by_run: dict[str, dict[str, Any]] = {}
     for run_id, fields in patches:
         # The same run twice in one batch: later items win, as they would on the wire.
@@ -321,11 +327,19 @@ async def merge_patches(
         await conn.execute(_UPSERT_RUN, *rows[0])
     else:
         await conn.executemany(_UPSERT_RUN, rows)
-    return [
+    reached = []
+    for run_id, run in merged.items():
+        status = run.fields.get("status")
+        if precedence(status) == PRECEDENCE["succeeded"]:
+            before = [p for p in stored[run_id] if p.delivery_id != delivery_id]
+            if not before or fold_run(before).fields.get("status") != status:
+                reached.append(str(status))
+    envelope_only = [
         run_id
         for run_id, run in merged.items()
         if not any(run.fields.get(name) is not None for name in RUN_OBJECT_FIELDS)
     ]
+    return MergeOutcome(envelope_only, reached)
 
 
 async def enqueue_enrichment(conn: Any, run_ids: Sequence[str]) -> None:

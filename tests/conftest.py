@@ -42,25 +42,29 @@ def server_url() -> Iterator[str]:
         yield start_embedded(Path(data_dir))
 
 
-@pytest.fixture(scope="session")
-def database_url(server_url: str) -> Iterator[str]:
-    """A fresh, migrated database for this test session, dropped at the end."""
+def admin_sql(server_url: str, sql: str) -> None:
+    """Run one statement (CREATE/DROP DATABASE) on the server, outside any transaction."""
     import asyncio
 
-    name = f"rftest_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
+    async def run() -> None:
         conn = await asyncpg.connect(plain_url(server_url))
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test session, dropped at the end."""
+    name = f"rftest_{uuid.uuid4().hex[:12]}"
+    admin_sql(server_url, f'CREATE DATABASE "{name}"')
     url = _with_database(server_url, name)
     upgrade(url)
     yield url
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

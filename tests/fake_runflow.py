@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,13 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.serve_process import free_port
+from tests.serve_process import serve_in_thread
 
 
 @dataclass
@@ -95,18 +93,5 @@ class FakeRunflow:
 @contextmanager
 def serve_fake(fake: FakeRunflow) -> Iterator[str]:
     """Run the fake on a free 127.0.0.1 port in a thread; yields its base URL."""
-    port = free_port()
-    config = uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("fake Runflow API did not start")
-        time.sleep(0.02)
-    try:
+    with serve_in_thread(fake.app()) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

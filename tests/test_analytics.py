@@ -221,3 +221,32 @@ async def test_bad_analytics_parameters_are_422(client, query):
 async def test_timeseries_takes_one_dimension(client):
     response = await client.get("/analytics/timeseries?group_by=model,source", headers=auth())
     assert response.status_code == 422
+
+
+async def test_long_windows_read_in_halves_give_the_same_answers(client):
+    # 30 hours from 11:30: read as two halves split at 02:30, inside the 02:00 bucket.
+    after = T0 - timedelta(minutes=30)
+    before = after + timedelta(hours=30)
+    split = after + timedelta(hours=15)
+    stamps = [
+        split - timedelta(minutes=20),
+        split + timedelta(minutes=20),
+        after,
+        before - timedelta(seconds=1),
+    ]
+    for i, moment in enumerate(stamps):
+        doc = run_object(
+            f"half_{i}",
+            status_code="failed" if i % 2 else "succeeded",
+            duration_ms=1000 * (i + 1),
+            created_at=iso(moment),
+        )
+        await post_delivery(client, doc)
+    body = await get(client, f"/analytics/timeseries?{window(after, before)}&bucket=hour")
+    points = {datetime.fromisoformat(p["ts"]): p for p in body["series"][0]["points"]}
+    cut = points[split.replace(minute=0)]
+    assert (cut["total"], cut["succeeded"], cut["failed"]) == (2, 1, 1)
+    assert sum(p["total"] for p in points.values()) == 4
+    durations = await get(client, f"/analytics/durations?{window(after, before)}")
+    assert durations["groups"][0]["count"] == 4
+    assert durations["groups"][0]["p50_ms"] == 2000 and durations["groups"][0]["max_ms"] == 4000

@@ -325,3 +325,12 @@ async def test_dropped_database_connections_do_not_lose_deliveries(client, db):
     assert [r.status_code for r in responses] == [200] * 6
     stored = await rows(db, "SELECT id FROM runs ORDER BY id")
     assert [r["id"] for r in stored] == [f"run_s{i}" for i in range(1, 8)]
+
+
+async def test_nul_characters_are_stored_as_replacement_characters(client, db):
+    raw = b'{"id": "run_nul", "status_code": "failed", "failure_message": "bad\\u0000byte"}'
+    response = await post_delivery(client, raw)
+    assert response.status_code == 200
+    assert (await run_row(db, "run_nul"))["failure_message"] == "bad\ufffdbyte"
+    [kept] = await deliveries(db)
+    assert bytes(kept["body"]) == raw  # the archive keeps the exact bytes

@@ -7,11 +7,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from receiver import metrics
 from receiver.apidoc import Operation
 from receiver.app import resources
 from receiver.migrations import current_revision, head_revision
 from receiver.responses import ORJSONResponse
-from receiver.schemas import Health
+from receiver.schemas import ErrorBody, Health
 
 
 async def healthz(request: Request) -> Response:
@@ -40,7 +41,20 @@ async def readyz(request: Request) -> Response:
     return ORJSONResponse({"status": "ok", "database": "ok", "schema": current})
 
 
+async def metrics_text(request: Request) -> Response:
+    """Prometheus text: counters from every worker, and figures read from the database."""
+    res = resources(request)
+    return Response(await metrics.render(res.settings, res.engine), media_type=metrics.CONTENT_TYPE)
+
+
 operations = [
+    Operation(
+        "/metrics",
+        "get",
+        "Prometheus metrics (text exposition format)",
+        {200: None, 503: ErrorBody},
+        authenticated=False,
+    ),
     Operation("/healthz", "get", "The process is up", {200: Health}, authenticated=False),
     Operation(
         "/readyz",
@@ -53,4 +67,5 @@ operations = [
 routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics_text, methods=["GET"]),
 ]

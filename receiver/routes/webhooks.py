@@ -10,10 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver import ingest
+from receiver import ingest, metrics
 from receiver.apidoc import Operation, Param
 from receiver.app import DATABASE_DOWN, resources
-from receiver.errors import PayloadTooLarge, ReceiverError
+from receiver.errors import PayloadTooLarge, ReceiverError, Unavailable
 from receiver.ingest import RawDelivery
 from receiver.responses import ORJSONResponse
 from receiver.schemas import ErrorBody, IngestAnswer
@@ -38,25 +38,25 @@ async def read_capped(request: Request, limit: int) -> bytes | None:
 
 
 async def receive_runflow(request: Request) -> Response:
-    """Handle one delivery, counting its outcome and timing it for /metrics."""
     started = time.perf_counter()
-    metrics = resources(request).metrics
     try:
-        response, outcome = await _receive(request)
+        response = await _receive(request)
     except ReceiverError as error:
-        # A 4xx is a rejection Runflow caused; a 5xx is an answer the receiver failed to give.
-        outcome = "rejected" if error.status_code < 500 else "error"
-        metrics.delivery(outcome, error.code, time.perf_counter() - started)
+        outcome = "unavailable" if isinstance(error, Unavailable) else "rejected"
+        metrics.DELIVERIES.labels(outcome, error.code).inc()
         raise
-    except Exception as exc:
-        cause = "unavailable" if isinstance(exc, DATABASE_DOWN) else "internal_error"
-        metrics.delivery("error", cause, time.perf_counter() - started)
+    except DATABASE_DOWN:
+        metrics.DELIVERIES.labels("unavailable", Unavailable.code).inc()
         raise
-    metrics.delivery(outcome, "", time.perf_counter() - started)
+    except Exception:
+        metrics.DELIVERIES.labels("error", "internal_error").inc()
+        raise
+    finally:
+        metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
     return response
 
 
-async def _receive(request: Request) -> tuple[Response, str]:
+async def _receive(request: Request) -> Response:
     res = resources(request)
     received_at = datetime.now(UTC)
     headers = {name.lower(): value for name, value in request.headers.items()}
@@ -81,7 +81,9 @@ async def _receive(request: Request) -> tuple[Response, str]:
         content["run_id"] = result.run_id
     if result.duplicate_of is not None:
         content["duplicate_of"] = result.duplicate_of
-    return ORJSONResponse(content), result.outcome
+    metrics.DELIVERIES.labels(result.outcome, "").inc()
+    metrics.record_terminal(result.reached_terminal)
+    return ORJSONResponse(content)
 
 
 INGEST = Operation(

@@ -1,0 +1,111 @@
+"""Alert notifications: bodies (JSON or Slack-compatible), signing, and the outbox sender.
+
+Notifications are rows in ``alert_notifications``, written in the evaluator's transaction.
+Senders in every process claim them with SKIP LOCKED under a lease and POST them; failures back
+off exponentially and are recorded; nothing here is on the ingest path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+from typing import Any
+
+import httpx
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from receiver.db import driver_connection
+from receiver.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "Receiver-Signature"
+
+_CLAIM = """
+UPDATE alert_notifications n
+SET locked_until = now() + interval '30 seconds', attempts = n.attempts + 1
+WHERE n.id = (
+    SELECT id FROM alert_notifications
+    WHERE state = 'pending' AND next_attempt_at <= now()
+      AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED
+)
+RETURNING n.id, n.url, n.secret, n.body, n.attempts
+"""
+
+
+def render(notice: dict[str, Any], fmt: str) -> bytes:
+    """The body a hook target receives, in its format."""
+    if fmt == "slack":
+        group = ", ".join(f"{k}={v}" for k, v in notice["group"].items()) or "all runs"
+        icon = ":rotating_light:" if notice["state"] == "firing" else ":white_check_mark:"
+        text = (
+            f"{icon} *{notice['state'].upper()}* {notice['rule']} ({group}): {notice['metric']}"
+            f" = {notice['value']} (threshold {notice['threshold']},"
+            f" window {notice['window_seconds']}s) <{notice['link']}|matching runs>"
+        )
+        return orjson.dumps({"text": text})
+    return orjson.dumps(notice)
+
+
+def sign(body: bytes, secret: str) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncClient) -> bool:
+    """Claim and POST one due notification; False when none is due."""
+    async with driver_connection(engine) as conn:
+        row = await conn.fetchrow(_CLAIM)
+    if row is None:
+        return False
+    body = bytes(row["body"])
+    headers = {"content-type": "application/json", "user-agent": "runflow-receiver"}
+    if row["secret"]:
+        headers[SIGNATURE_HEADER] = sign(body, row["secret"])
+    error: str | None = None
+    try:
+        response = await client.post(row["url"], content=body, headers=headers)
+        if response.is_success:
+            async with driver_connection(engine) as conn:
+                await conn.execute(
+                    "UPDATE alert_notifications SET state = 'sent', sent_at = now(),"
+                    " locked_until = NULL, last_error = NULL WHERE id = $1",
+                    row["id"],
+                )
+            return True
+        error = f"http_{response.status_code}"
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    attempts = row["attempts"]
+    give_up = attempts >= settings.alert_max_attempts
+    delay = random.uniform(0.5, 1.0) * min(
+        settings.alert_backoff_max_seconds, settings.alert_backoff_seconds * 2 ** (attempts - 1)
+    )
+    async with driver_connection(engine) as conn:
+        await conn.execute(
+            "UPDATE alert_notifications SET state = $2, last_error = $3, locked_until = NULL,"
+            " next_attempt_at = now() + make_interval(secs => $4) WHERE id = $1",
+            row["id"],
+            "failed" if give_up else "pending",
+            error,
+            delay,
+        )
+    log.warning("alert notification %s to %s failed: %s", row["id"], row["url"], error)
+    return True
+
+
+async def run_sender(settings: Settings, engine: AsyncEngine, stop: asyncio.Event) -> None:
+    async with httpx.AsyncClient(timeout=settings.alert_timeout_seconds) as client:
+        while not stop.is_set():
+            try:
+                if await send_one(settings, engine, client):
+                    continue
+            except Exception:
+                log.exception("alert sender error")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=settings.alert_poll_seconds)

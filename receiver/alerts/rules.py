@@ -1,0 +1,141 @@
+"""Alert rules: the model the API and the YAML file share, and their storage."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from receiver.db import driver_connection
+from receiver.errors import InvalidRule
+
+FILTERABLE = ("failure_code", "failure_stage", "model", "target_type", "source")
+GROUPABLE = ("failure_code", "failure_stage", "model", "target_type", "source", "status")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(value: object) -> object:
+    """``90``, ``"90s"``, ``"5m"``, ``"1h"`` or ``"1d"`` as whole seconds."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration like 90s, 5m, 1h or 1d")
+        return int(match.group(1)) * _UNITS[match.group(2) or "s"]
+    return value
+
+
+class HookTarget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://", max_length=2000)
+    secret: str | None = Field(default=None, max_length=500)
+    format: Literal["json", "slack"] = "json"
+
+
+class Rule(BaseModel):
+    """One alert rule. ``for`` and ``cooldown`` are durations; ``window`` too."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    metric: Literal["failure_count", "failure_rate", "no_callbacks", "duration_p95_ms"]
+    filters: dict[str, list[str]] = Field(default_factory=dict)
+    group_by: str | None = None
+    window: int = Field(default=300, ge=1, le=7 * 86400)
+    threshold: float = 0
+    min_runs: int = Field(default=0, ge=0)
+    for_: int = Field(default=0, ge=0, le=86400, alias="for")
+    cooldown: int = Field(default=0, ge=0, le=7 * 86400)
+    targets: list[HookTarget] = Field(min_length=1, max_length=10)
+    enabled: bool = True
+    max_groups: int = Field(default=50, ge=1, le=500)
+
+    @field_validator("window", "for_", "cooldown", mode="before")
+    @classmethod
+    def _durations(cls, value: object) -> object:
+        return seconds(value)
+
+    @field_validator("filters")
+    @classmethod
+    def _known_filters(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key in value:
+            if key not in FILTERABLE:
+                raise ValueError(f"cannot filter on {key!r}; use {', '.join(FILTERABLE)}")
+        return value
+
+    @field_validator("group_by")
+    @classmethod
+    def _known_dimension(cls, value: str | None) -> str | None:
+        if value is not None and value not in GROUPABLE:
+            raise ValueError(f"cannot group by {value!r}; use one of {', '.join(GROUPABLE)}")
+        return value
+
+    @model_validator(mode="after")
+    def _silence_is_global(self) -> Rule:
+        if self.metric == "no_callbacks" and self.group_by is not None:
+            raise ValueError("no_callbacks watches all traffic matching the filters: no group_by")
+        return self
+
+    def definition(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def validate_rule(data: object) -> Rule:
+    try:
+        rule = Rule.model_validate(data)
+    except ValidationError as exc:
+        details = [
+            {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        raise InvalidRule("alert rule is not valid", details) from None
+    try:
+        stored = orjson.dumps(rule.definition())
+    except orjson.JSONEncodeError as exc:
+        raise InvalidRule(f"alert rule is not storable: {exc}") from None
+    if b"\\u0000" in stored:
+        raise InvalidRule("alert rule strings may not contain NUL characters")
+    return rule
+
+
+def load_rules_file(path: Path) -> list[Rule]:
+    """Rules from a YAML file: a list of rules, or ``{"rules": [...]}``."""
+    data = yaml.safe_load(path.read_text())
+    items = data.get("rules", []) if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise InvalidRule(f"{path}: expected a list of rules")
+    return [validate_rule(item) for item in items]
+
+
+async def upsert_rule(engine: AsyncEngine, rule: Rule) -> None:
+    async with driver_connection(engine) as conn:
+        await conn.execute(
+            "INSERT INTO alert_rules (name, definition) VALUES ($1, $2)"
+            " ON CONFLICT (name) DO UPDATE SET definition = EXCLUDED.definition,"
+            " updated_at = now()",
+            rule.name,
+            orjson.dumps(rule.definition()).decode(),
+        )
+
+
+async def list_rules(engine: AsyncEngine) -> list[tuple[int, Rule]]:
+    async with driver_connection(engine) as conn:
+        rows = await conn.fetch("SELECT id, definition FROM alert_rules ORDER BY name")
+    return [(row["id"], Rule.model_validate(row["definition"])) for row in rows]
+
+
+async def get_rule(engine: AsyncEngine, name: str) -> tuple[int, Rule] | None:
+    async with driver_connection(engine) as conn:
+        row = await conn.fetchrow("SELECT id, definition FROM alert_rules WHERE name = $1", name)
+    return (row["id"], Rule.model_validate(row["definition"])) if row else None
+
+
+async def delete_rule(engine: AsyncEngine, name: str) -> bool:
+    async with driver_connection(engine) as conn:
+        deleted = await conn.fetchval("DELETE FROM alert_rules WHERE name = $1 RETURNING id", name)
+    return deleted is not None

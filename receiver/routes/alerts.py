@@ -1,0 +1,202 @@
+"""``/alerts/rules`` (create, list, read, change, delete) and ``/alerts/events``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from receiver.alerts import rules as store
+from receiver.apidoc import PAGE_PARAMS, Operation, Param, check_params
+from receiver.app import resources
+from receiver.auth import authenticated
+from receiver.db import driver_connection
+from receiver.errors import Conflict, InvalidQuery, InvalidRule, NotFound
+from receiver.queryparams import decode_cursor, encode_cursor, parse_limit
+from receiver.responses import ORJSONResponse
+from receiver.schemas import AlertEventPage, AlertRuleOut, AlertRules, ErrorBody
+
+_ERRORS: dict[int, type[ErrorBody] | None] = {401: ErrorBody, 422: ErrorBody, 503: ErrorBody}
+NAME = Param("name", {"type": "string"}, "the rule's name", location="path")
+
+CREATE = Operation(
+    "/alerts/rules",
+    "post",
+    "Create an alert rule",
+    {201: AlertRuleOut, 409: ErrorBody, **_ERRORS},
+    request_model=store.Rule,
+    tags=("alerts",),
+)
+LIST = Operation(
+    "/alerts/rules",
+    "get",
+    "Alert rules with the state of each group",
+    {200: AlertRules, **_ERRORS},
+    tags=("alerts",),
+)
+GET = Operation(
+    "/alerts/rules/{name}",
+    "get",
+    "One alert rule with its states",
+    {200: AlertRuleOut, 404: ErrorBody, **_ERRORS},
+    (NAME,),
+    tags=("alerts",),
+)
+PATCH = Operation(
+    "/alerts/rules/{name}",
+    "patch",
+    "Change fields of an alert rule",
+    {200: AlertRuleOut, 404: ErrorBody, **_ERRORS},
+    (NAME,),
+    request_body={
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    tags=("alerts",),
+)
+DELETE = Operation(
+    "/alerts/rules/{name}",
+    "delete",
+    "Delete an alert rule and its states",
+    {204: None, 404: ErrorBody, **_ERRORS},
+    (NAME,),
+    tags=("alerts",),
+)
+EVENTS = Operation(
+    "/alerts/events",
+    "get",
+    "State transitions, newest first",
+    {200: AlertEventPage, **_ERRORS},
+    (Param("rule", {"type": "string"}, "only this rule's events"), *PAGE_PARAMS),
+    tags=("alerts",),
+)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        data = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
+        raise InvalidRule("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRule("body must be a JSON object")
+    return data
+
+
+async def _with_states(request: Request, rule_id: int, rule: store.Rule) -> dict[str, Any]:
+    async with driver_connection(resources(request).engine) as conn:
+        rows = await conn.fetch(
+            "SELECT group_key, state, value, updated_at FROM alert_states WHERE rule_id = $1"
+            " ORDER BY group_key",
+            rule_id,
+        )
+    states = [
+        {
+            "group": orjson.loads(r["group_key"]),
+            "state": r["state"],
+            "value": r["value"],
+            "updated_at": r["updated_at"],
+        }
+        for r in rows
+    ]
+    return {"rule": rule.definition(), "states": states}
+
+
+@authenticated
+async def create_rule(request: Request) -> Response:
+    check_params(request.query_params, CREATE)
+    rule = store.validate_rule(await _json_object(request))
+    engine = resources(request).engine
+    if await store.get_rule(engine, rule.name) is not None:
+        raise Conflict(f"a rule named {rule.name!r} exists; PATCH it instead")
+    await store.upsert_rule(engine, rule)
+    found = await store.get_rule(engine, rule.name)
+    assert found is not None
+    return ORJSONResponse(await _with_states(request, *found), status_code=201)
+
+
+@authenticated
+async def list_rules(request: Request) -> Response:
+    check_params(request.query_params, LIST)
+    found = await store.list_rules(resources(request).engine)
+    return ORJSONResponse({"items": [await _with_states(request, *item) for item in found]})
+
+
+async def _existing(request: Request) -> tuple[int, store.Rule]:
+    name = request.path_params["name"]
+    found = None if "\x00" in name else await store.get_rule(resources(request).engine, name)
+    if found is None:
+        raise NotFound(f"no alert rule {name!r}")
+    return found
+
+
+@authenticated
+async def get_rule(request: Request) -> Response:
+    check_params(request.query_params, GET)
+    return ORJSONResponse(await _with_states(request, *await _existing(request)))
+
+
+@authenticated
+async def patch_rule(request: Request) -> Response:
+    check_params(request.query_params, PATCH)
+    _, rule = await _existing(request)
+    changes = await _json_object(request)
+    if "name" in changes and changes["name"] != rule.name:
+        raise InvalidRule("a rule cannot be renamed; create a new one")
+    updated = store.validate_rule({**rule.definition(), **changes})
+    engine = resources(request).engine
+    await store.upsert_rule(engine, updated)
+    found = await store.get_rule(engine, updated.name)
+    assert found is not None
+    return ORJSONResponse(await _with_states(request, *found))
+
+
+@authenticated
+async def delete_rule(request: Request) -> Response:
+    check_params(request.query_params, DELETE)
+    name = request.path_params["name"]
+    if "\x00" in name or not await store.delete_rule(resources(request).engine, name):
+        raise NotFound(f"no alert rule {request.path_params['name']!r}")
+    return Response(status_code=204)
+
+
+@authenticated
+async def list_events(request: Request) -> Response:
+    check_params(request.query_params, EVENTS)
+    limit = parse_limit(request.query_params)
+    after = decode_cursor(request.query_params, (int,))
+    args: list[Any] = []
+    conditions = []
+    if "rule" in request.query_params:
+        if "\x00" in request.query_params["rule"]:
+            raise InvalidQuery("rule contains a NUL character", [{"param": "rule"}])
+        args.append(request.query_params["rule"])
+        conditions.append(f"rule_name = ${len(args)}")
+    if after is not None:
+        args.append(after[0])
+        conditions.append(f"id < ${len(args)}")
+    where = " AND ".join(conditions) or "TRUE"
+    async with driver_connection(resources(request).engine) as conn:
+        rows = await conn.fetch(
+            "SELECT id, rule_name AS rule, group_key, from_state, to_state, value, threshold,"
+            f" notified, at FROM alert_events WHERE {where} ORDER BY id DESC LIMIT {limit + 1}",
+            *args,
+        )
+    items = [{**dict(r), "group": orjson.loads(r["group_key"])} for r in rows[:limit]]
+    for item in items:
+        del item["group_key"]
+    cursor = encode_cursor(items[-1]["id"]) if len(rows) > limit else None
+    return ORJSONResponse({"items": items, "next_cursor": cursor})
+
+
+operations = [CREATE, LIST, GET, PATCH, DELETE, EVENTS]
+routes = [
+    Route("/alerts/rules", create_rule, methods=["POST"]),
+    Route("/alerts/rules", list_rules, methods=["GET"]),
+    Route("/alerts/rules/{name}", get_rule, methods=["GET"]),
+    Route("/alerts/rules/{name}", patch_rule, methods=["PATCH"]),
+    Route("/alerts/rules/{name}", delete_rule, methods=["DELETE"]),
+    Route("/alerts/events", list_events, methods=["GET"]),
+]
