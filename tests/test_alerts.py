@@ -245,3 +245,57 @@ def test_the_example_rules_file_in_deploy_is_valid():
         "callbacks-stopped",
         "comfyui-slow",
     ]
+
+
+async def test_resolved_waits_for_the_firing_notification_still_being_retried(
+    quiet_app, database_url
+):
+    client, settings, engine = quiet_app
+    slow_retry = settings.model_copy(
+        update={"alert_backoff_seconds": 60.0, "alert_backoff_max_seconds": 60.0}
+    )
+    hook = HookServer(statuses=[500])
+    with serve_hook(hook) as url:
+        await upsert_rule(engine, rule(threshold=1, window=60, targets=[{"url": url}]))
+        for i in range(2):
+            await post_delivery(client, run_object(f"burst_{i}", status_code="failed"))
+        now = datetime.now(UTC)
+        await evaluate_once(settings, engine, now)
+        async with httpx.AsyncClient() as http:
+            assert await send_one(slow_retry, engine, http)  # the hook answers 500
+            # The runs leave the window: resolved is queued and due, firing waits a minute.
+            await evaluate_once(settings, engine, now + timedelta(seconds=120))
+            states = await rows(database_url, "SELECT state FROM alert_notifications ORDER BY id")
+            assert states == [{"state": "pending"}, {"state": "pending"}]
+            assert not await send_one(slow_retry, engine, http)
+            assert hook.received == []
+            conn = await asyncpg.connect(plain_url(database_url))
+            try:  # the back-off has passed
+                await conn.execute("UPDATE alert_notifications SET next_attempt_at = now()")
+            finally:
+                await conn.close()
+            assert await send_one(slow_retry, engine, http)
+            assert await send_one(slow_retry, engine, http)
+            assert not await send_one(slow_retry, engine, http)
+    assert hook.notices() == [("firing", {}), ("resolved", {})]
+
+
+async def test_a_hook_that_never_answers_is_given_up_on_and_retried(quiet_app, database_url):
+    client, settings, engine = quiet_app
+    hook = HookServer(hold=threading.Event())
+    with serve_hook(hook) as url:
+        await upsert_rule(engine, rule(threshold=0, targets=[{"url": url}]))
+        await post_delivery(client, run_object("stuck", status_code="failed"))
+        await evaluate_once(settings, engine, datetime.now(UTC))
+        impatient = settings.model_copy(update={"alert_timeout_seconds": 0.3})
+        async with httpx.AsyncClient(timeout=30) as http:
+            assert await send_one(impatient, engine, http)
+    [outbox] = await rows(
+        database_url, "SELECT state, attempts, last_error, locked_until FROM alert_notifications"
+    )
+    assert outbox == {
+        "state": "pending",
+        "attempts": 1,
+        "last_error": "no answer within 0.3 s",
+        "locked_until": None,
+    }

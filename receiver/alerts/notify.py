@@ -14,6 +14,7 @@ import hmac
 import logging
 import random
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -26,14 +27,23 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "Receiver-Signature"
 
+# Due, not leased, and no earlier notification to the same URL about the same rule and group
+# still pending: a "resolved" never overtakes the "firing" it answers while that one retries.
 _CLAIM = """
 UPDATE alert_notifications n
-SET locked_until = now() + interval '30 seconds', attempts = n.attempts + 1
+SET locked_until = now() + make_interval(secs => $1), attempts = n.attempts + 1
 WHERE n.id = (
-    SELECT id FROM alert_notifications
-    WHERE state = 'pending' AND next_attempt_at <= now()
-      AND (locked_until IS NULL OR locked_until < now())
-    ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED
+    SELECT c.id FROM alert_notifications c
+    WHERE c.state = 'pending' AND c.next_attempt_at <= now()
+      AND (c.locked_until IS NULL OR c.locked_until < now())
+      AND NOT EXISTS (
+        SELECT 1 FROM alert_notifications p
+        JOIN alert_events pe ON pe.id = p.event_id
+        JOIN alert_events ce ON ce.id = c.event_id
+        WHERE p.state = 'pending' AND p.id < c.id AND p.url = c.url
+          AND pe.rule_id = ce.rule_id AND pe.group_key = ce.group_key
+      )
+    ORDER BY c.next_attempt_at LIMIT 1 FOR UPDATE OF c SKIP LOCKED
 )
 RETURNING n.id, n.url, n.secret, n.body, n.attempts
 """
@@ -60,7 +70,8 @@ def sign(body: bytes, secret: str) -> str:
 async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncClient) -> bool:
     """Claim and POST one due notification; False when none is due."""
     async with driver_connection(engine) as conn:
-        row = await conn.fetchrow(_CLAIM)
+        # The lease outlasts the whole POST (bounded below), so no second sender takes it over.
+        row = await conn.fetchrow(_CLAIM, settings.alert_timeout_seconds + 30)
     if row is None:
         return False
     body = bytes(row["body"])
@@ -69,7 +80,9 @@ async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncC
         headers[SIGNATURE_HEADER] = sign(body, row["secret"])
     error: str | None = None
     try:
-        response = await client.post(row["url"], content=body, headers=headers)
+        # httpx's timeout bounds each phase; a hook trickling its answer needs a total deadline.
+        async with asyncio.timeout(settings.alert_timeout_seconds):
+            response = await client.post(row["url"], content=body, headers=headers)
         if response.is_success:
             async with driver_connection(engine) as conn:
                 await conn.execute(
@@ -81,6 +94,8 @@ async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncC
         error = f"http_{response.status_code}"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"
+    except TimeoutError:
+        error = f"no answer within {settings.alert_timeout_seconds} s"
     attempts = row["attempts"]
     give_up = attempts >= settings.alert_max_attempts
     delay = random.uniform(0.5, 1.0) * min(
@@ -95,7 +110,9 @@ async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncC
             error,
             delay,
         )
-    log.warning("alert notification %s to %s failed: %s", row["id"], row["url"], error)
+    # Only the host: hook URLs (Slack's) carry their credential in the path.
+    host = urlsplit(row["url"]).netloc
+    log.warning("alert notification %s to %s failed: %s", row["id"], host, error)
     return True
 
 
