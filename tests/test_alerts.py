@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from receiver.alerts.evaluate import GroupState, evaluate_once, step
@@ -299,3 +300,43 @@ async def test_a_hook_that_never_answers_is_given_up_on_and_retried(quiet_app, d
         "last_error": "no answer within 0.3 s",
         "locked_until": None,
     }
+
+
+async def test_the_api_never_shows_hook_secrets_and_a_round_trip_keeps_them(
+    quiet_app, database_url
+):
+    client, _, _ = quiet_app
+    definition = {
+        "name": "secretive",
+        "metric": "failure_count",
+        "threshold": 0,
+        "targets": [
+            {"url": "http://127.0.0.1:9/a", "secret": "hook-secret-a"},
+            {"url": "http://127.0.0.1:9/b", "format": "slack"},
+        ],
+    }
+    created = await client.post("/alerts/rules", json=definition, headers=auth())
+    assert created.status_code == 201
+    for answer in (
+        created,
+        await client.get("/alerts/rules/secretive", headers=auth()),
+        await client.get("/alerts/rules", headers=auth()),
+    ):
+        assert "hook-secret-a" not in answer.text
+    shown = created.json()["rule"]["targets"]
+    assert [t["secret"] for t in shown] == ["********", None]
+    # What GET showed, sent back with one more target, keeps the stored secret.
+    more = [*shown, {"url": "http://127.0.0.1:9/c", "secret": "hook-secret-c"}]
+    patched = await client.patch("/alerts/rules/secretive", json={"targets": more}, headers=auth())
+    assert patched.status_code == 200
+    [stored] = await rows(database_url, "SELECT definition FROM alert_rules")
+    secrets = [t["secret"] for t in orjson.loads(stored["definition"])["targets"]]
+    assert secrets == ["hook-secret-a", None, "hook-secret-c"]
+    # A redacted secret for a URL that has none stored cannot be kept.
+    moved = [{"url": "http://127.0.0.1:9/elsewhere", "secret": "********"}]
+    refused = await client.patch("/alerts/rules/secretive", json={"targets": moved}, headers=auth())
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "invalid_rule"
+    fresh = await client.post(
+        "/alerts/rules", json={**definition, "name": "copy", "targets": moved}, headers=auth()
+    )
+    assert fresh.status_code == 422

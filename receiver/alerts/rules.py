@@ -17,6 +17,8 @@ from receiver.errors import InvalidRule
 FILTERABLE = ("failure_code", "failure_stage", "model", "target_type", "source")
 GROUPABLE = ("failure_code", "failure_stage", "model", "target_type", "source", "status")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# What the API shows instead of a hook secret; sent back unchanged, it keeps the stored one.
+REDACTED = "********"
 
 
 def seconds(value: object) -> object:
@@ -83,6 +85,38 @@ class Rule(BaseModel):
 
     def definition(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
+
+    def public_definition(self) -> dict[str, Any]:
+        """The definition with hook secrets replaced by ``REDACTED``, for API answers."""
+        shown = self.definition()
+        for target in shown["targets"]:
+            if target["secret"] is not None:
+                target["secret"] = REDACTED
+        return shown
+
+
+def restore_secrets(data: dict[str, Any], stored: Rule | None) -> dict[str, Any]:
+    """``data`` with each ``REDACTED`` secret replaced by the stored secret of the same URL.
+
+    So a rule read from the API can be sent back changed without repeating its secrets.
+    """
+    targets = data.get("targets")
+    if not isinstance(targets, list):
+        return data
+    known = {t.url: t.secret for t in stored.targets} if stored else {}
+    restored: list[Any] = []
+    for target in targets:
+        if isinstance(target, dict) and target.get("secret") == REDACTED:
+            url = target.get("url")
+            secret = known.get(url) if isinstance(url, str) else None
+            if secret is None:
+                raise InvalidRule(
+                    f"target {url!r}: the secret is {REDACTED}, and no stored"
+                    " target with that url has one to keep; send the secret itself"
+                )
+            target = {**target, "secret": secret}
+        restored.append(target)
+    return {**data, "targets": restored}
 
 
 def validate_rule(data: object) -> Rule:

@@ -33,7 +33,7 @@ CREATE = Operation(
 LIST = Operation(
     "/alerts/rules",
     "get",
-    "Alert rules with the state of each group",
+    "Alert rules with the state of each group; hook secrets are shown as ********",
     {200: AlertRules, **_ERRORS},
     tags=("alerts",),
 )
@@ -48,7 +48,7 @@ GET = Operation(
 PATCH = Operation(
     "/alerts/rules/{name}",
     "patch",
-    "Change fields of an alert rule",
+    "Change fields of an alert rule; a target secret sent as ******** keeps the stored one",
     {200: AlertRuleOut, 404: ErrorBody, **_ERRORS},
     (NAME,),
     request_body={
@@ -101,13 +101,13 @@ async def _with_states(request: Request, rule_id: int, rule: store.Rule) -> dict
         }
         for r in rows
     ]
-    return {"rule": rule.definition(), "states": states}
+    return {"rule": rule.public_definition(), "states": states}
 
 
 @authenticated
 async def create_rule(request: Request) -> Response:
     check_params(request.query_params, CREATE)
-    rule = store.validate_rule(await _json_object(request))
+    rule = store.validate_rule(store.restore_secrets(await _json_object(request), None))
     engine = resources(request).engine
     if await store.get_rule(engine, rule.name) is not None:
         raise Conflict(f"a rule named {rule.name!r} exists; PATCH it instead")
@@ -145,7 +145,7 @@ async def patch_rule(request: Request) -> Response:
     changes = await _json_object(request)
     if "name" in changes and changes["name"] != rule.name:
         raise InvalidRule("a rule cannot be renamed; create a new one")
-    updated = store.validate_rule({**rule.definition(), **changes})
+    updated = store.validate_rule(store.restore_secrets({**rule.definition(), **changes}, rule))
     engine = resources(request).engine
     await store.upsert_rule(engine, updated)
     found = await store.get_rule(engine, updated.name)
