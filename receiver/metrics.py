@@ -9,14 +9,17 @@ Two sources, each chosen for being exact with several uvicorn workers:
   cannot be rebuilt from the database, and counting in the database would put a hot counter
   row on every ingest transaction.
 - Read from PostgreSQL at scrape time (failures of the last 24 hours by code and stage,
-  enrichment queue depth, alert rule states): the database already holds them exactly, and
-  the indexes make each read a few milliseconds.
+  enrichment queue depth, states of enabled alert rules): the database already holds them
+  exactly, and the indexes make each read a few milliseconds. When the database cannot be
+  reached the scrape still answers, with the counters and ``runflow_receiver_database_up 0``:
+  an outage is when the ``unavailable`` delivery count matters most.
 
 Without PROMETHEUS_MULTIPROC_DIR (tests, the in-process app) the counters are per process.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -29,11 +32,13 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from receiver.app import DATABASE_DOWN
 from receiver.db import driver_connection
 from receiver.enrichment import queue_status
 from receiver.settings import Settings
@@ -54,6 +59,9 @@ RUNS_TERMINAL = Counter(
     ["status"],
 )
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+log = logging.getLogger(__name__)
 
 
 def record_terminal(transitions: Iterable[str]) -> None:
@@ -81,9 +89,11 @@ async def database_families(settings: Settings, engine: AsyncEngine) -> list[Met
             "SELECT failure_code, failure_stage, count(*) AS n FROM runs WHERE status = 'failed'"
             " AND sort_at >= now() - interval '24 hours' GROUP BY 1, 2"
         )
+        # A disabled rule's states stay as they were; shown, a firing one would page forever.
         states = await conn.fetch(
             "SELECT r.name, s.group_key, s.state, s.value FROM alert_states s"
             " JOIN alert_rules r ON r.id = s.rule_id"
+            " WHERE (r.definition ->> 'enabled')::boolean IS NOT FALSE"
         )
     per_code: dict[str, int] = {}
     for row in rows:
@@ -128,9 +138,23 @@ async def database_families(settings: Settings, engine: AsyncEngine) -> list[Met
 
 async def render(settings: Settings, engine: AsyncEngine) -> bytes:
     """The /metrics body: process or multiprocess counters, then the database's figures."""
+    up = GaugeMetricFamily(
+        "runflow_receiver_database_up", "1 when this scrape could read the database"
+    )
+    families: list[Metric] = []
+    try:
+        families = await database_families(settings, engine)
+        up.add_metric([], 1)
+    except DATABASE_DOWN as exc:
+        log.warning("metrics: database unavailable: %s: %s", type(exc).__name__, exc)
+        up.add_metric([], 0)
     registry = CollectorRegistry()
-    registry.register(_Families(await database_families(settings, engine)))
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    registry.register(_Families([*families, up]))
+    if os.environ.get(MULTIPROC_ENV):
+        if values.ValueClass is values.MutexValue:
+            # Imported before serve set the directory: counts stay in this process's memory
+            # while the scrape reads the (empty) files, so every counter would read zero.
+            raise RuntimeError(f"prometheus_client was imported before {MULTIPROC_ENV} was set")
         counted = CollectorRegistry()
         MultiProcessCollector(counted)  # type: ignore[no-untyped-call]
         return generate_latest(counted) + generate_latest(registry)

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
+from pathlib import Path
 
+import asyncpg
 import httpx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from receiver.alerts.evaluate import evaluate_once
+from receiver.alerts.rules import upsert_rule
 from receiver.app import create_app
+from receiver.db import plain_url
 from receiver.settings import Settings
 from receiver.simulate import generate_traffic, send
 from tests.builders import (
@@ -19,6 +28,7 @@ from tests.builders import (
 )
 from tests.conftest import truncate_all
 from tests.serve_process import receiver_env, serving
+from tests.test_alerts import rule
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -100,13 +110,74 @@ async def test_failures_gauge_folds_codes_past_top_n_into_other(db, database_url
     assert value(found, "runflow_receiver_enrichment_queue_depth") == 0
 
 
+async def test_scrape_without_the_database_still_reports_the_counters(settings):
+    unreachable = settings.model_copy(
+        update={"database_url": "postgresql://postgres@127.0.0.1:9/nothing"}
+    )
+    app = create_app(unreachable, run_worker=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            before = await scrape(client)
+            assert (await post_delivery(client, envelope("lost"))).status_code == 503
+            after = await scrape(client)
+    name = "runflow_receiver_deliveries_total"
+    labels = {"outcome": "unavailable", "cause": "unavailable"}
+    assert value(after, name, **labels) - value(before, name, **labels) == 1
+    assert value(after, "runflow_receiver_database_up") == 0
+    assert not any(key[0] == "runflow_receiver_failures_24h" for key in after)
+
+
+async def test_alert_states_of_enabled_rules_only(db, settings, client):
+    from datetime import UTC, datetime
+
+    await upsert_rule(db, rule(name="watching", threshold=0))
+    await upsert_rule(db, rule(name="switched-off", threshold=0))
+    await post_delivery(client, run_object("f", status_code="failed"))
+    await evaluate_once(settings, db, datetime.now(UTC))
+    await upsert_rule(db, rule(name="switched-off", threshold=0, enabled=False))
+    found = await scrape(client)
+    state = "runflow_receiver_alert_state"
+    assert value(found, state, rule="watching", group="", state="firing") == 1
+    assert not any(key[0] == state and ("rule", "switched-off") in key[1] for key in found)
+
+
+async def archive_counts(url: str) -> dict[tuple[str, str], int]:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        rows = await conn.fetch(
+            "SELECT outcome, coalesce(cause, '') AS cause, count(*) AS n FROM deliveries"
+            " GROUP BY 1, 2"
+        )
+    finally:
+        await conn.close()
+    return {(r["outcome"], r["cause"]): r["n"] for r in rows}
+
+
+def per_worker(directory: Path, name: str) -> dict[str, float]:
+    """``name`` as each worker process counted it, from its own multiprocess files."""
+    files: dict[str, list[Path]] = {}
+    for path in directory.glob("*.db"):  # prometheus_client names the files <kind>_<pid>.db
+        files.setdefault(path.stem.rsplit("_", 1)[-1], []).append(path)
+    out = {}
+    for pid, paths in files.items():
+        with tempfile.TemporaryDirectory() as alone:
+            for path in paths:
+                os.symlink(path, Path(alone, path.name))
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=alone)
+            out[pid] = value(samples(generate_latest(registry).decode()), name)
+    return out
+
+
 def test_counters_are_exact_across_two_workers(database_url, tmp_path):
     asyncio.run(truncate_all(database_url))
     traffic = generate_traffic(count=120, seed=21, duplicate_rate=0.1)
+    data_dir = tmp_path / "data"
     env = receiver_env(
         RECEIVER_DATABASE_URL=database_url,
         RECEIVER_SIGNING_SECRETS=SIGNING_SECRET,
-        RECEIVER_DATA_DIR=str(tmp_path / "data"),
+        RECEIVER_DATA_DIR=str(data_dir),
     )
     with serving(env, tmp_path, workers=2) as (base, _):
         report = asyncio.run(
@@ -118,9 +189,24 @@ def test_counters_are_exact_across_two_workers(database_url, tmp_path):
         assert report.acknowledged == 120 and bad.outcomes["rejected"] == 7
         # Scrape several times: whichever worker answers, the sums are the same.
         scrapes = [samples(httpx.get(f"{base}/metrics", timeout=10).text) for _ in range(6)]
+    # Both workers answered a share, so each scrape really summed two processes' counts.
+    handled = per_worker(data_dir / "metrics", "runflow_receiver_ingest_seconds_count")
+    assert len(handled) == 2 and all(handled.values()), handled
+    assert sum(handled.values()) == 127
+    expected = {
+        ("stored", ""): report.outcomes["stored"],
+        ("duplicate", ""): report.outcomes["duplicate"],
+        ("rejected", "invalid_signature"): 7,
+    }
+    # The archive, counted independently of the server's counters, agrees.
+    assert asyncio.run(archive_counts(database_url)) == expected
     name = "runflow_receiver_deliveries_total"
     for found in scrapes:
-        assert value(found, name, outcome="stored", cause="") == report.outcomes["stored"]
-        assert value(found, name, outcome="duplicate", cause="") == report.outcomes["duplicate"]
-        assert value(found, name, outcome="rejected", cause="invalid_signature") == 7
+        counted = {
+            (dict(labels)["outcome"], dict(labels)["cause"]): n
+            for (metric, labels), n in found.items()
+            if metric == name
+        }
+        assert counted == expected
         assert value(found, "runflow_receiver_ingest_seconds_count") == 127
+        assert value(found, "runflow_receiver_database_up") == 1
