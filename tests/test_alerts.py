@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import math
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -340,3 +341,27 @@ async def test_the_api_never_shows_hook_secrets_and_a_round_trip_keeps_them(
         "/alerts/rules", json={**definition, "name": "copy", "targets": moved}, headers=auth()
     )
     assert fresh.status_code == 422
+
+
+async def test_duration_p95_fires_for_the_slow_model_with_enough_runs(quiet_app, database_url):
+    client, settings, engine = quiet_app
+    await upsert_rule(
+        engine,
+        rule(metric="duration_p95_ms", group_by="model", threshold=15000, min_runs=10),
+    )
+    flux = [1000 * i for i in range(1, 21)]
+    for i, ms in enumerate(flux):
+        await post_delivery(client, run_object(f"flux_{i}", duration_ms=ms))
+    # Still running: its duration so far is not a run's duration.
+    await post_delivery(
+        client, run_object("flux_running", status_code="running", duration_ms=10**7)
+    )
+    sdxl = {"id": "mdl_sdxl", "slug": "sdxl"}
+    for i in range(5):  # far slower, but too few runs to judge
+        await post_delivery(client, run_object(f"sdxl_{i}", model=sdxl, duration_ms=60000))
+    await evaluate_once(settings, engine, datetime.now(UTC))
+    nearest_rank = sorted(flux)[math.ceil(0.95 * len(flux)) - 1]
+    events = await rows(database_url, "SELECT group_key, to_state, value FROM alert_events")
+    assert events == [
+        {"group_key": '{"model":"flux-dev"}', "to_state": "firing", "value": nearest_rank}
+    ]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import asyncpg
 import httpx
+import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
@@ -210,3 +212,17 @@ def test_counters_are_exact_across_two_workers(database_url, tmp_path):
         assert counted == expected
         assert value(found, "runflow_receiver_ingest_seconds_count") == 127
         assert value(found, "runflow_receiver_database_up") == 1
+
+
+PROMETHEUS_RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus-alerts.yaml"
+
+
+async def test_the_prometheus_rules_in_deploy_use_only_metrics_the_receiver_exposes(client):
+    groups = yaml.safe_load(PROMETHEUS_RULES.read_text())["groups"]
+    alerts = [alert for group in groups for alert in group["rules"]]
+    assert alerts and all({"alert", "expr"} <= set(alert) for alert in alerts)
+    await post_delivery(client, run_object("any", status_code="failed"))
+    exposed = set(re.findall(r"runflow_receiver_\w+", (await client.get("/metrics")).text))
+    for alert in alerts:
+        for name in re.findall(r"runflow_receiver_\w+", alert["expr"]):
+            assert name in exposed, f"{alert['alert']}: {name} is not exposed"
