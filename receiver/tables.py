@@ -17,6 +17,8 @@ from sqlalchemy import (
     Column,
     Computed,
     DateTime,
+    Float,
+    ForeignKey,
     Identity,
     Index,
     Integer,
@@ -239,3 +241,83 @@ class BackfillProgress(SQLModel, table=True):
         default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false"))
     )
     updated_at: datetime | None = _ts(nullable=False, default_now=True)
+
+
+class AlertRule(SQLModel, table=True):
+    """An alert rule; ``definition`` is the validated ``receiver.alerts.rules.Rule``."""
+
+    __tablename__ = "alert_rules"
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
+    name: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    definition: dict[str, Any] = Field(sa_column=Column(JSONB, nullable=False))
+    created_at: datetime | None = _ts(nullable=False, default_now=True)
+    updated_at: datetime | None = _ts(nullable=False, default_now=True)
+
+
+class AlertState(SQLModel, table=True):
+    """The state of one rule for one group (``group_key``: the group as sorted-key JSON)."""
+
+    __tablename__ = "alert_states"
+
+    rule_id: int = Field(
+        sa_column=Column(
+            BigInteger,
+            ForeignKey("alert_rules.id", ondelete="CASCADE"),
+            primary_key=True,
+        )
+    )
+    group_key: str = Field(sa_column=Column(Text, primary_key=True))
+    state: str = Field(sa_column=Column(Text, nullable=False))
+    value: float | None = Field(default=None, sa_column=Column(Float))
+    pending_since: datetime | None = _ts()
+    last_fired_notice_at: datetime | None = _ts()
+    notified_firing: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false"))
+    )
+    updated_at: datetime | None = _ts(nullable=False, default_now=True)
+
+
+class AlertEvent(SQLModel, table=True):
+    """One state transition of one rule and group (``GET /alerts/events``)."""
+
+    __tablename__ = "alert_events"
+    __table_args__ = (Index("ix_alert_events_rule", "rule_id", "id"),)
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
+    rule_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    rule_name: str = Field(sa_column=Column(Text, nullable=False))
+    group_key: str = Field(sa_column=Column(Text, nullable=False))
+    from_state: str = Field(sa_column=Column(Text, nullable=False))
+    to_state: str = Field(sa_column=Column(Text, nullable=False))
+    value: float | None = Field(default=None, sa_column=Column(Float))
+    threshold: float = Field(sa_column=Column(Float, nullable=False))
+    notified: bool = Field(sa_column=Column(Boolean, nullable=False))
+    at: datetime | None = _ts(nullable=False, default_now=True)
+
+
+class AlertNotification(SQLModel, table=True):
+    """One POST owed to one hook target: the outbox ``receiver.alerts.notify`` sends from."""
+
+    __tablename__ = "alert_notifications"
+    __table_args__ = (
+        Index(
+            "ix_alert_notifications_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, Identity(), primary_key=True))
+    event_id: int | None = Field(default=None, sa_column=Column(BigInteger))
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    secret: str | None = Field(default=None, sa_column=Column(Text))
+    format: str = Field(sa_column=Column(Text, nullable=False))
+    body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    state: str = Field(sa_column=Column(Text, nullable=False, server_default="pending"))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False, server_default="0"))
+    next_attempt_at: datetime | None = _ts(nullable=False, default_now=True)
+    locked_until: datetime | None = _ts()
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime | None = _ts(nullable=False, default_now=True)
+    sent_at: datetime | None = _ts()
