@@ -5,6 +5,7 @@ however long ago the run was created. A rule breaches when its value is above th
 (for ``no_callbacks``: when the runs heard in the window are at or below it). States per rule
 and group: ok → pending (breaching, waiting ``for``) → firing → resolved. Firing notifies unless
 the group fired a notification less than ``cooldown`` ago; resolved notifies only what fired.
+A quiet group with no runs in the window is forgotten once its cooldown has passed.
 
 One process evaluates at a time: each tick takes ``pg_try_advisory_xact_lock`` and does all its
 work in that transaction, so state, events and queued notifications commit together.
@@ -89,6 +90,19 @@ def step(rule: Rule, current: GroupState, is_breaching: bool, now: datetime) -> 
             resolved, ("firing", "resolved"), "resolved" if current.notified_firing else None
         )
     return Step(current)
+
+
+def forgettable(rule: Rule, result: Step, now: datetime) -> bool:
+    """A quiet group past its cooldown: a fresh ``ok`` state would behave the same from here."""
+    state = result.state
+    return (
+        result.transition is None
+        and state.state in ("ok", "resolved")
+        and (
+            state.last_fired_notice_at is None
+            or now - state.last_fired_notice_at >= timedelta(seconds=rule.cooldown)
+        )
+    )
 
 
 def _where(rule: Rule, now: datetime) -> Where:
@@ -212,6 +226,15 @@ async def _evaluate_rule(
         result = step(rule, current, breaching(rule, value), now)
         if row is None and result.state == current:
             continue  # nothing to remember about a quiet group
+        if row is not None and key_text not in measured and forgettable(rule, result, now):
+            # Keeps the states bounded by the groups with recent traffic or a running cooldown,
+            # however many groups (or a changed group_by) came and went.
+            await conn.execute(
+                "DELETE FROM alert_states WHERE rule_id = $1 AND group_key = $2",
+                rule_id,
+                key_text,
+            )
+            continue
         await conn.execute(
             "INSERT INTO alert_states (rule_id, group_key, state, value, pending_since,"
             " last_fired_notice_at, notified_firing, updated_at)"
