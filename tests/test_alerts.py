@@ -378,3 +378,25 @@ async def test_the_alert_table_models_match_migration_0004(db):
     async with db.connect() as conn:
         found = await conn.run_sync(differences)
     assert [d for d in found if "alert_" in repr(d)] == []
+
+
+async def test_a_quiet_group_is_forgotten_once_its_cooldown_has_passed(quiet_app, database_url):
+    client, settings, engine = quiet_app
+    await upsert_rule(engine, rule(threshold=1, window=60, cooldown=300, group_by="model"))
+    for i in range(2):
+        await post_delivery(client, run_object(f"q{i}", status_code="failed"))
+    now = datetime.now(UTC)
+    await evaluate_once(settings, engine, now)
+    states = "SELECT group_key, state FROM alert_states"
+    assert await rows(database_url, states) == [
+        {"group_key": '{"model":"flux-dev"}', "state": "firing"}
+    ]
+    await evaluate_once(settings, engine, now + timedelta(seconds=120))  # no runs in the window
+    await evaluate_once(settings, engine, now + timedelta(seconds=180))  # inside the cooldown
+    assert await rows(database_url, states) == [
+        {"group_key": '{"model":"flux-dev"}', "state": "resolved"}
+    ]
+    await evaluate_once(settings, engine, now + timedelta(seconds=301))
+    assert await rows(database_url, states) == []
+    events = await rows(database_url, "SELECT to_state FROM alert_events ORDER BY id")
+    assert [e["to_state"] for e in events] == ["firing", "resolved"]

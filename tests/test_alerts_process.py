@@ -94,4 +94,5 @@ def test_one_firing_one_resolved_and_silence_inside_the_cooldown(database_url, t
     assert hook.notices() == [("firing", flux), ("resolved", flux)]
     firing = [e for e in asyncio.run(events(database_url)) if e["to_state"] == "firing"]
     assert [(e["group"], e["notified"]) for e in firing] == [(flux, True), (flux, False)]
-    assert hook.received[0]["body"]["value"] == 6.0
+    # Above the threshold; how far depends on how much of the burst one evaluation saw.
+    assert 3 < hook.received[0]["body"]["value"] <= 6
