@@ -208,6 +208,16 @@ class AlertRules(_Out):
     items: list[AlertRuleOut]
 
 
+class AlertDelivery(_Out):
+    """Where the outbox stands with one hook target's notification of an event."""
+
+    url: str
+    state: str  # pending (retrying), sent, failed (gave up)
+    attempts: int
+    last_error: str | None
+    sent_at: datetime | None
+
+
 class AlertEvent(_Out):
     id: int
     rule: str
@@ -218,6 +228,7 @@ class AlertEvent(_Out):
     threshold: float
     notified: bool
     at: datetime
+    notifications: list[AlertDelivery]
 
 
 class AlertEventPage(_Out):

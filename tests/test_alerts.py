@@ -150,6 +150,14 @@ async def test_hook_answering_500_then_200_gets_the_notification_once(quiet_app,
             )
         await evaluate_once(settings, engine, datetime.now(UTC))
         async with httpx.AsyncClient() as http:
+            assert await send_one(settings, engine, http)  # answered 500
+            [event] = (await client.get("/alerts/events", headers=auth())).json()["items"]
+            [notice] = event["notifications"]
+            assert (notice["state"], notice["attempts"], notice["last_error"]) == (
+                "pending",
+                1,
+                "http_500",
+            )
             deadline = time.monotonic() + 10
             while not hook.received:
                 assert time.monotonic() < deadline
@@ -166,10 +174,10 @@ async def test_hook_answering_500_then_200_gets_the_notification_once(quiet_app,
     assert "/runs?" in body["link"] and "model=flux-dev" in body["link"]
     expected = hmac.new(b"hook-secret", delivered["raw"], hashlib.sha256).hexdigest()
     assert delivered["headers"]["receiver-signature"] == expected
-    [outbox] = await rows(
-        database_url, "SELECT state, attempts, last_error FROM alert_notifications"
-    )
-    assert outbox == {"state": "sent", "attempts": 2, "last_error": None}
+    [event] = (await client.get("/alerts/events", headers=auth())).json()["items"]
+    [notice] = event["notifications"]
+    assert notice["url"] == url and notice["sent_at"] is not None
+    assert (notice["state"], notice["attempts"], notice["last_error"]) == ("sent", 2, None)
 
 
 async def test_ingest_answers_while_the_hook_target_hangs(db, database_url):

@@ -6,7 +6,12 @@ import asyncio
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 
+import httpx
+
+from receiver.alerts.evaluate import evaluate_once
+from receiver.alerts.notify import send_one
 from receiver.alerts.rules import upsert_rule
 from tests.builders import post_delivery, run_object
 from tests.hook_server import HookServer, serve_hook
@@ -39,10 +44,18 @@ async def test_replay_all_rejected_after_the_missing_run_arrives(
     assert run["status"] == "failed"
 
 
-async def test_alerts_test_sends_a_signed_sample_and_list_prints_states(db, database_url, tmp_path):
+async def test_alerts_test_sends_a_signed_sample_and_list_prints_states(
+    client, settings, db, database_url, tmp_path
+):
     hook = HookServer()
     with serve_hook(hook) as url:
         await upsert_rule(db, rule(name="cli-rule", targets=[{"url": url, "secret": "s3"}]))
+        # Another rule firing, whose hook (port 9) refuses: its notification waits to be retried.
+        await upsert_rule(db, rule(name="cli-firing", threshold=0))
+        await post_delivery(client, run_object("cli-failed", status_code="failed"))
+        await evaluate_once(settings, db, datetime.now(UTC))
+        async with httpx.AsyncClient() as http:
+            assert await send_one(settings, db, http)
         env = receiver_env(RECEIVER_DATABASE_URL=database_url)
         out = await asyncio.to_thread(run_cli, "alerts", "test", "cli-rule", env=env, cwd=tmp_path)
         listed = await asyncio.to_thread(run_cli, "alerts", "list", env=env, cwd=tmp_path)
@@ -51,6 +64,9 @@ async def test_alerts_test_sends_a_signed_sample_and_list_prints_states(db, data
     assert sample["body"]["rule"] == "cli-rule" and sample["body"]["state"] == "test"
     assert "receiver-signature" in sample["headers"]
     assert "cli-rule: failure_count" in listed
+    firing = listed.split("cli-firing")[1].splitlines()[1].split()
+    assert firing[:3] == ["all", "runs", "firing"]
+    assert "notifications pending: 1 (an error: ConnectError" in listed
 
 
 def test_bad_configuration_stops_with_one_line(tmp_path):

@@ -28,12 +28,20 @@ async def print_states(engine: AsyncEngine) -> None:
                 rule_id,
             )
         flag = "" if rule.enabled else " (disabled)"
-        print(f"{rule.name}{flag}: {rule.metric} > {rule.threshold} over {rule.window}s")
+        breach = "<=" if rule.metric == "no_callbacks" else ">"
+        print(f"{rule.name}{flag}: {rule.metric} {breach} {rule.threshold} over {rule.window}s")
         for row in rows:
             group = ", ".join(f"{k}={v}" for k, v in orjson.loads(row["group_key"]).items())
             print(f"  {group or 'all runs':40} {row['state']:9} value={row['value']}")
         if not rows:
             print("  ok (no group has breached)")
+    async with driver_connection(engine) as conn:
+        waiting = await conn.fetch(
+            "SELECT state, count(*) AS n, max(last_error) AS error FROM alert_notifications"
+            " WHERE state <> 'sent' GROUP BY state ORDER BY state"
+        )
+    for row in waiting:  # pending: still being retried; failed: given up
+        print(f"notifications {row['state']}: {row['n']} (an error: {row['error']})")
 
 
 async def send_test(settings: Settings, engine: AsyncEngine, name: str) -> int:

@@ -68,7 +68,7 @@ DELETE = Operation(
 EVENTS = Operation(
     "/alerts/events",
     "get",
-    "State transitions, newest first",
+    "State transitions, newest first, each with where its notifications stand",
     {200: AlertEventPage, **_ERRORS},
     (Param("rule", {"type": "string"}, "only this rule's events"), *PAGE_PARAMS),
     tags=("alerts",),
@@ -184,7 +184,23 @@ async def list_events(request: Request) -> Response:
             f" notified, at FROM alert_events WHERE {where} ORDER BY id DESC LIMIT {limit + 1}",
             *args,
         )
-    items = [{**dict(r), "group": orjson.loads(r["group_key"])} for r in rows[:limit]]
+        notices = await conn.fetch(
+            "SELECT event_id, url, state, attempts, last_error, sent_at FROM alert_notifications"
+            " WHERE event_id = ANY($1::bigint[]) ORDER BY id",
+            [r["id"] for r in rows[:limit]],
+        )
+    by_event: dict[int, list[dict[str, Any]]] = {}
+    for notice in notices:
+        entry = dict(notice)
+        by_event.setdefault(entry.pop("event_id"), []).append(entry)
+    items = [
+        {
+            **dict(r),
+            "group": orjson.loads(r["group_key"]),
+            "notifications": by_event.get(r["id"], []),
+        }
+        for r in rows[:limit]
+    ]
     for item in items:
         del item["group_key"]
     cursor = encode_cursor(items[-1]["id"]) if len(rows) > limit else None
