@@ -392,8 +392,13 @@ async def send(
     *,
     secret: str | None,
     concurrency: int = 16,
+    request_seconds: float = 30.0,
 ) -> SendReport:
-    """POST every delivery over ``concurrency`` keep-alive connections; never retries."""
+    """POST every delivery over ``concurrency`` keep-alive connections; never retries.
+
+    A request without an answer within ``request_seconds`` counts as an error, as Runflow
+    would count it, so a hung server cannot hang the sender.
+    """
     target = httpx.URL(url)
     if target.scheme != "http":
         raise ValueError("simulate sends to http:// URLs on this machine or network")
@@ -416,8 +421,12 @@ async def send(
                     headers["Runflow-Signature"] = sign(delivery.body, secret)
                 report.sent += 1
                 try:
-                    status, payload = await connection.post(path, delivery.body, headers)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    status, payload = await asyncio.wait_for(
+                        connection.post(path, delivery.body, headers), request_seconds
+                    )
+                except (OSError, asyncio.IncompleteReadError, ValueError):  # TimeoutError too
+                    # Whatever was half sent or half read, this connection is done.
+                    await connection.close()
                     report.errors += 1
                     continue
                 report.statuses[status] += 1
@@ -465,7 +474,15 @@ def run_simulate(args: argparse.Namespace, settings: Settings) -> int:
         batch_rate=args.batch_rate,
         prefix=args.prefix,
     )
-    report = asyncio.run(send(args.url, traffic, secret=secret, concurrency=args.concurrency))
+    report = asyncio.run(
+        send(
+            args.url,
+            traffic,
+            secret=secret,
+            concurrency=args.concurrency,
+            request_seconds=args.timeout,
+        )
+    )
     print(report.summary())
     return 0 if report.acknowledged == report.sent else 1
 
@@ -483,4 +500,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--duplicate-rate", type=float, default=0.05)
     parser.add_argument("--batch-rate", type=float, default=0.02)
     parser.add_argument("--prefix", default="sim", help="run id prefix")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each answer"
+    )
     parser.set_defaults(handler=run_simulate)

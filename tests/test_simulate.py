@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections import Counter, defaultdict
@@ -118,3 +119,20 @@ def test_simulate_prints_counts_and_fails_unless_everything_was_acknowledged(
         "errors": "0",
     }
     assert "deliveries/s" in out
+
+
+def test_simulate_gives_up_on_a_server_that_does_not_answer(capsys, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("RECEIVER_")]:
+        monkeypatch.delenv(name)
+
+    async def hang(request: Request) -> JSONResponse:
+        await asyncio.sleep(2)
+        return JSONResponse({"status": "stored", "delivery_id": 1, "run_id": None})
+
+    app = Starlette(routes=[Route("/webhooks/runflow", hang, methods=["POST"])])
+    with serve_in_thread(app) as port:
+        url = f"http://127.0.0.1:{port}/webhooks/runflow"
+        argv = ["simulate", "--url", url, "--count", "4", "--concurrency", "2", "--timeout", "0.3"]
+        assert main([*argv, "--secret", "whsec_sim"]) == 1
+    counts = dict(re.findall(r"(sent|acknowledged|errors) (\d+)", capsys.readouterr().out))
+    assert counts == {"sent": "4", "acknowledged": "0", "errors": "4"}
