@@ -48,6 +48,7 @@ FAILURES = [
 ]
 TARGETS = ["model", "model", "model", "flow", "comfyui"]
 SOURCES = ["api", "api", "playground", "flow-node"]
+NODE_TYPES = ["LoadImage", "CLIPTextEncode", "KSampler", "VAEDecode", "llm", "SaveImage"]
 _EVENT = {
     "succeeded": "run.completed",
     "failed": "run.failed",
@@ -86,8 +87,12 @@ class _Run:
     failure: tuple[str, str] | None
     batch_id: str | None = None
     cost: str = "0"
-    node_count: int = 0
+    node_types: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def node_count(self) -> int:
+        return len(self.node_types)
 
     @property
     def completed(self) -> datetime:
@@ -117,7 +122,9 @@ def _make_run(rng: random.Random, index: int, prefix: str, start: datetime) -> _
         client_ref=f"order-{rng.randrange(10**9):09d}",
         failure=rng.choice(FAILURES) if status == "failed" else None,
         cost=f"{rng.uniform(0.0005, 0.25):.6f}",
-        node_count=rng.randrange(2, 6) if target in ("flow", "comfyui") else 0,
+        node_types=tuple(rng.choices(NODE_TYPES, k=rng.randrange(2, 6)))
+        if target in ("flow", "comfyui")
+        else (),
     )
 
 
@@ -148,6 +155,15 @@ def _envelope(rng: random.Random, run: _Run, *, attempt: int = 1) -> dict[str, A
     return doc
 
 
+def _node_status(run_status: str, *, last: bool) -> str:
+    """A node's status in a run of ``run_status``: the last node is where it failed or stopped."""
+    if run_status not in _EVENT:
+        return "succeeded" if not last else run_status
+    if last and run_status in ("failed", "cancelled"):
+        return run_status
+    return "succeeded"
+
+
 def _run_object(rng: random.Random, run: _Run, *, status: str | None = None) -> dict[str, Any]:
     status = status or run.status
     terminal = status in _EVENT
@@ -156,17 +172,23 @@ def _run_object(rng: random.Random, run: _Run, *, status: str | None = None) -> 
         {
             "id": f"{run.id}_node_{n}",
             "node_id": f"node_{n}",
-            "node_type": rng.choice(["KSampler", "VAEDecode", "LoadImage", "llm"]),
-            "status_code": (
-                "failed"
-                if failure and n == run.node_count - 1
-                else ("succeeded" if terminal else "running")
-            ),
+            "node_type": node_type,
+            "status_code": _node_status(status, last=n == run.node_count - 1),
             "failure_code": failure[0] if failure and n == run.node_count - 1 else None,
             "duration_ms": run.duration_ms // max(run.node_count, 1),
         }
-        for n in range(run.node_count)
+        for n, node_type in enumerate(run.node_types)
     ]
+    # Log lines never change once written; a later view of the run only has more of them.
+    logs = [{"id": f"{run.id}_log_0", "level": "info", "message": "dispatched"}]
+    if terminal:
+        logs.append(
+            {
+                "id": f"{run.id}_log_1",
+                "level": "error" if failure else "info",
+                "message": f"{failure[0]} at {failure[1]}" if failure else status,
+            }
+        )
     return {
         "id": run.id,
         "status_code": "canceled" if status == "cancelled" else status,
@@ -177,9 +199,7 @@ def _run_object(rng: random.Random, run: _Run, *, status: str | None = None) -> 
         "cost": run.cost if terminal else None,
         "cost_breakdown": {"compute": run.cost} if terminal else None,
         "node_runs": nodes,
-        "logs": [
-            {"id": f"{run.id}_log_0", "level": "error" if failure else "info", "message": status}
-        ],
+        "logs": logs,
         "model": {"id": f"mdl_{run.model}", "slug": run.model},
         "batch_id": run.batch_id,
         "org_id": "org_demo",
@@ -372,8 +392,13 @@ async def send(
     *,
     secret: str | None,
     concurrency: int = 16,
+    request_seconds: float = 30.0,
 ) -> SendReport:
-    """POST every delivery over ``concurrency`` keep-alive connections; never retries."""
+    """POST every delivery over ``concurrency`` keep-alive connections; never retries.
+
+    A request without an answer within ``request_seconds`` counts as an error, as Runflow
+    would count it, so a hung server cannot hang the sender.
+    """
     target = httpx.URL(url)
     if target.scheme != "http":
         raise ValueError("simulate sends to http:// URLs on this machine or network")
@@ -396,8 +421,12 @@ async def send(
                     headers["Runflow-Signature"] = sign(delivery.body, secret)
                 report.sent += 1
                 try:
-                    status, payload = await connection.post(path, delivery.body, headers)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    status, payload = await asyncio.wait_for(
+                        connection.post(path, delivery.body, headers), request_seconds
+                    )
+                except (OSError, asyncio.IncompleteReadError, ValueError):  # TimeoutError too
+                    # Whatever was half sent or half read, this connection is done.
+                    await connection.close()
                     report.errors += 1
                     continue
                 report.statuses[status] += 1
@@ -445,7 +474,15 @@ def run_simulate(args: argparse.Namespace, settings: Settings) -> int:
         batch_rate=args.batch_rate,
         prefix=args.prefix,
     )
-    report = asyncio.run(send(args.url, traffic, secret=secret, concurrency=args.concurrency))
+    report = asyncio.run(
+        send(
+            args.url,
+            traffic,
+            secret=secret,
+            concurrency=args.concurrency,
+            request_seconds=args.timeout,
+        )
+    )
     print(report.summary())
     return 0 if report.acknowledged == report.sent else 1
 
@@ -463,4 +500,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--duplicate-rate", type=float, default=0.05)
     parser.add_argument("--batch-rate", type=float, default=0.02)
     parser.add_argument("--prefix", default="sim", help="run id prefix")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for each answer"
+    )
     parser.set_defaults(handler=run_simulate)

@@ -121,10 +121,25 @@ _NODE_COLUMNS = (
     "duration_ms",
     "data",
 )
+
+
+def _precedence_sql(column: str) -> str:
+    """SQL for :func:`receiver.merge.precedence` of a (normalised) status column."""
+    cases = " ".join(f"WHEN '{status}' THEN {rank}" for status, rank in PRECEDENCE.items())
+    return f"(CASE {column} {cases} ELSE -1 END)"
+
+
+# Node runs follow the merge rules by their own status: a payload whose node status ranks at
+# least as high overwrites non-null fields, a lower one (a stale Run object) only fills nulls.
+_NODE_WINS = f"{_precedence_sql('EXCLUDED.status')} >= {_precedence_sql('node_runs.status')}"
 _UPSERT_NODE_RUN = "INSERT INTO node_runs ({cols}) VALUES ({vals}) ON CONFLICT (id) DO UPDATE SET {sets}, updated_at = now()".format(  # noqa: E501
     cols=", ".join(_NODE_COLUMNS),
     vals=", ".join(f"${i}" for i in range(1, len(_NODE_COLUMNS) + 1)),
-    sets=", ".join(f"{c} = COALESCE(EXCLUDED.{c}, node_runs.{c})" for c in _NODE_COLUMNS[1:]),
+    sets=", ".join(
+        f"{c} = CASE WHEN {_NODE_WINS} THEN COALESCE(EXCLUDED.{c}, node_runs.{c})"
+        f" ELSE COALESCE(node_runs.{c}, EXCLUDED.{c}) END"
+        for c in _NODE_COLUMNS[1:]
+    ),
 )
 
 _LOG_COLUMNS = ("id", "run_id", "node_run_id", "level", "message", "logged_at", "data")

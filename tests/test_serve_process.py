@@ -7,6 +7,7 @@ import os
 import re
 import signal
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -14,9 +15,9 @@ import orjson
 import pytest
 
 from receiver.db import plain_url
-from receiver.merge import StoredPatch, fold_run
+from receiver.merge import StoredPatch, fold_run, rank_key
 from receiver.payloads import RUN_FIELDS, parse_payload
-from receiver.simulate import generate_traffic, send
+from receiver.simulate import SendReport, SimDelivery, generate_traffic, send
 from tests.builders import SIGNING_SECRET
 from tests.conftest import truncate_all
 from tests.serve_process import receiver_env, run_cli, serving, stop
@@ -44,31 +45,91 @@ def expected_rows(stored: list[asyncpg.Record]) -> dict[str, dict[str, object]]:
     return {run_id: fold_run(found).fields for run_id, found in patches.items()}
 
 
-def test_two_workers_200_concurrent_deliveries_for_20_runs(database_url, tmp_path):
+NODE_COLUMNS = ("run_id", "node_id", "node_type", "status", "failure_code", "duration_ms")
+LOG_COLUMNS = ("run_id", "level", "message")
+
+
+def expected_children(
+    stored: list[asyncpg.Record],
+) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, object]]]:
+    """Node runs and logs by id: each Run object's non-null values, folded in its run rank."""
+    ranked = []
+    for row in stored:
+        parsed = parse_payload(orjson.loads(row["body"]))
+        if parsed.kind == "run_object":
+            [patch] = parsed.runs
+            key = rank_key(StoredPatch(patch.fields, row["received_at"], row["id"]))
+            ranked.append((key, patch.run_id, parsed))
+    nodes: dict[str, dict[str, object]] = defaultdict(dict)
+    logs: dict[str, dict[str, object]] = defaultdict(dict)
+    for _, run_id, parsed in sorted(ranked, key=lambda item: item[0]):
+        for found, children, columns in (
+            (nodes, parsed.node_runs, NODE_COLUMNS),
+            (logs, parsed.logs, LOG_COLUMNS),
+        ):
+            for child in children:
+                values = {**child, "run_id": run_id}
+                found[child["id"]].update(
+                    (name, values[name]) for name in columns if values.get(name) is not None
+                )
+    return dict(nodes), dict(logs)
+
+
+@dataclass
+class Fired:
+    """200 concurrent deliveries for 20 runs against two workers, and what was stored."""
+
+    traffic: list[SimDelivery]
+    report: SendReport
+    archive: list[asyncpg.Record]
+    stored: list[asyncpg.Record]
+    runs: list[asyncpg.Record]
+    nodes: list[asyncpg.Record]
+    logs: list[asyncpg.Record]
+    batches: list[asyncpg.Record]
+
+
+@pytest.fixture(scope="module")
+def fired(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Fired:
     asyncio.run(truncate_all(database_url))
     traffic = generate_traffic(count=200, runs=20, seed=11, duplicate_rate=0.1, batch_rate=0.05)
-    assert len({d.run_id for d in traffic if d.run_id}) == 20
     env = receiver_env(RECEIVER_DATABASE_URL=database_url, RECEIVER_SIGNING_SECRETS=SIGNING_SECRET)
-    with serving(env, tmp_path, workers=2) as (base, _):
+    with serving(env, tmp_path_factory.mktemp("fired"), workers=2) as (base, _):
         report = asyncio.run(
             send(f"{base}/webhooks/runflow", traffic, secret=SIGNING_SECRET, concurrency=200)
         )
-    assert report.statuses == {200: 200}, report.summary()
-    assert report.outcomes["duplicate"] == len(traffic) - len({d.body for d in traffic})
 
-    archive = asyncio.run(fetch(database_url, "SELECT id, outcome FROM deliveries"))
-    assert sorted(r["id"] for r in archive) == sorted(report.delivery_ids)
+    def rows(sql: str) -> list[asyncpg.Record]:
+        return asyncio.run(fetch(database_url, sql))
 
-    stored = asyncio.run(
-        fetch(
-            database_url,
-            "SELECT id, received_at, body FROM deliveries WHERE outcome = 'stored'",
-        )
+    return Fired(
+        traffic=traffic,
+        report=report,
+        archive=rows("SELECT id, outcome FROM deliveries"),
+        stored=rows("SELECT id, received_at, body FROM deliveries WHERE outcome = 'stored'"),
+        runs=rows("SELECT * FROM runs"),
+        nodes=rows(f"SELECT id, {', '.join(NODE_COLUMNS)} FROM node_runs"),
+        logs=rows(f"SELECT id, {', '.join(LOG_COLUMNS)} FROM run_logs"),
+        batches=rows("SELECT id, total, delivery_count FROM batches"),
     )
-    expected = expected_rows(stored)
-    runs = asyncio.run(fetch(database_url, "SELECT * FROM runs"))
-    assert {r["id"] for r in runs} == set(expected)
-    for row in runs:
+
+
+def test_two_workers_200_concurrent_deliveries_for_20_runs(fired: Fired) -> None:
+    traffic, report = fired.traffic, fired.report
+    assert len({d.run_id for d in traffic if d.run_id}) == 20
+    # The mix the issue asks for: Run objects, stale "running" ones, batches, duplicates.
+    kinds = {d.kind for d in traffic}
+    assert kinds == {"run_envelope", "run_object", "batch_envelope"}
+    assert b'"status_code":"running"' in b"".join(d.body for d in traffic)
+    assert report.statuses == {200: 200}, report.summary()
+    assert report.outcomes["duplicate"] == len(traffic) - len({d.body for d in traffic}) > 0
+
+    # The archive holds exactly one row per 2xx answer.
+    assert sorted(r["id"] for r in fired.archive) == sorted(report.delivery_ids)
+
+    expected = expected_rows(fired.stored)
+    assert {r["id"] for r in fired.runs} == set(expected)
+    for row in fired.runs:
         want = expected[row["id"]]
         got = {name: row[name] for name in RUN_FIELDS if row[name] is not None}
         for name in ("cost_breakdown", "input", "output", "metadata"):
@@ -77,10 +138,35 @@ def test_two_workers_200_concurrent_deliveries_for_20_runs(database_url, tmp_pat
         assert got == want, row["id"]
         assert row["delivery_count"] == sum(
             1
-            for s in stored
+            for s in fired.stored
             for p in parse_payload(orjson.loads(s["body"])).runs
             if p.run_id == row["id"]
         )
+
+
+def test_two_workers_batches_are_stored_once_each(fired: Fired) -> None:
+    sent = {
+        d.batch_id: len(orjson.loads(d.body)["output"]["items"])
+        for d in fired.traffic
+        if d.batch_id
+    }
+    assert sent, "the traffic should carry batch callbacks"
+    assert {r["id"]: r["total"] for r in fired.batches} == sent
+    assert all(r["delivery_count"] == 1 for r in fired.batches)
+
+
+def test_two_workers_node_runs_and_logs_follow_the_winning_run_object(fired: Fired) -> None:
+    """A stale ``running`` Run object that lands after a terminal one must not win."""
+    nodes, logs = expected_children(fired.stored)
+    assert nodes and logs
+    got_nodes = {
+        r["id"]: {k: v for k, v in r.items() if k != "id" and v is not None} for r in fired.nodes
+    }
+    got_logs = {
+        r["id"]: {k: v for k, v in r.items() if k != "id" and v is not None} for r in fired.logs
+    }
+    assert got_nodes == nodes
+    assert got_logs == logs
 
 
 def embedded_url(data_dir: Path) -> str:
