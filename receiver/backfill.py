@@ -4,7 +4,8 @@ Pages through ``GET {api}/v1/runs?created_after=..&created_before=..&limit=..&cu
 (response ``{"items": [Run], "next_cursor": str | null}``) and stores every Run object exactly
 as ingest would, archived as a delivery whose signature is ``backfill``. The cursor is kept in
 ``backfill_progress`` after each page, so an interrupted backfill resumes where it stopped; a
-page re-read after an interruption is answered as duplicates, never merged twice.
+page re-read after an interruption is answered as duplicates, never merged twice. A listed run
+that fails validation is kept as a rejected delivery (replayable) and the backfill goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.enrichment import Enricher, RateLimiter, backoff_seconds
-from receiver.ingest import store_parsed
+from receiver.errors import InvalidPayload, ReceiverError
+from receiver.ingest import archive_rejection, store_parsed
 from receiver.payloads import parse_payload
 from receiver.settings import Settings
 from receiver.store import ArchiveEntry
@@ -86,7 +88,8 @@ async def _get_page(
     raise BackfillError(f"Runflow API kept failing ({reason}); rerun to resume")
 
 
-async def _import(engine: AsyncEngine, item: dict[str, Any]) -> str:
+async def _import(engine: AsyncEngine, item: Any) -> str:
+    """Store one listed run like a posted Run object; a malformed one is kept as rejected."""
     body = orjson.dumps(item)
     entry = ArchiveEntry(
         received_at=datetime.now(UTC),
@@ -97,7 +100,14 @@ async def _import(engine: AsyncEngine, item: dict[str, Any]) -> str:
         body_sha256=hashlib.sha256(body).digest(),
         body_size=len(body),
     )
-    result = await store_parsed(engine, entry, parse_payload(item))
+    try:
+        if not isinstance(item, dict):
+            raise InvalidPayload("a listed run is not a JSON object")
+        parsed = parse_payload(item)
+    except ReceiverError as error:
+        await archive_rejection(engine, entry, error)  # kept and replayable, like ingest's
+        return "rejected"
+    result = await store_parsed(engine, entry, parsed)
     return result.outcome
 
 
@@ -130,10 +140,7 @@ async def backfill(
                 params["cursor"] = cursor
             page = await _get_page(client, settings, params, limiter)
             for item in page.get("items", []):
-                try:
-                    counts[await _import(engine, item)] += 1
-                except ValueError:
-                    counts["rejected"] += 1
+                counts[await _import(engine, item)] += 1
             imported += len(page.get("items", []))
             cursor = page.get("next_cursor")
             await _save_progress(engine, key, cursor, imported, finished=not cursor)

@@ -165,6 +165,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.runflow_api_key:
         raise ConfigError("RECEIVER_RUNFLOW_API_KEY is not set: there is nothing to enrich with")
+    if args.concurrency is not None:
+        # Lets `serve` keep RECEIVER_ENRICHMENT_CONCURRENCY=0 while workers share its env.
+        settings = settings.model_copy(update={"enrichment_concurrency": args.concurrency})
     if settings.enrichment_concurrency == 0:
         raise ConfigError("RECEIVER_ENRICHMENT_CONCURRENCY is 0: the worker would do nothing")
     engine = open_engine(settings)
@@ -240,7 +243,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         try:
             for delivery_id in ids:
                 try:
-                    result = await replay(engine, delivery_id)
+                    result = await replay(engine, delivery_id, enrich=settings.enrichment_queueing)
                 except ReceiverError as exc:
                     print(f"delivery {delivery_id}: {exc.code}: {exc.message}")
                     still_rejected += 1
@@ -284,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(handler=cmd_replay)
 
     worker = sub.add_parser("worker", help="run the enrichment worker on its own")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        choices=range(1, 65),
+        metavar="1..64",
+        help="tasks in this process (default RECEIVER_ENRICHMENT_CONCURRENCY)",
+    )
     worker.set_defaults(handler=cmd_worker)
 
     back = sub.add_parser("backfill", help="import runs from Runflow's API")

@@ -5,7 +5,11 @@ does. Queued runs (``enrichment_queue``, filled at ingest) are claimed with FOR 
 LOCKED under a lease, fetched from ``GET {api}/v1/runs/{id}``, validated with the same Run
 model as ingest and merged through the same path (archived as a delivery whose signature is
 ``enrichment``); the queue item is closed in that same transaction. A worker that dies holding
-an item loses nothing: the lease runs out and another worker takes it.
+an item loses nothing: the lease runs out and another worker takes it. Each claim bumps
+``attempts``, which fences the claimant: a worker whose lease ran out and was taken over
+cannot commit its merge or reschedule the item (its transaction rolls back), so a run is
+merged once per enrichment however slow a worker was. On start the worker also queues stored
+runs that were never queued (kept before the API key was set, or replayed without it).
 
 Retries: 429 (honouring Retry-After), 5xx, timeouts and connection errors back off
 exponentially with full jitter, up to ``enrichment_max_attempts``. 404 ends the item. 401/403
@@ -33,7 +37,7 @@ from receiver.errors import ReceiverError
 from receiver.ingest import store_parsed
 from receiver.payloads import parse_payload
 from receiver.settings import Settings
-from receiver.store import ArchiveEntry, StoreResult
+from receiver.store import RUN_OBJECT_FIELDS, ArchiveEntry, StoreResult
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,23 @@ WHERE q.run_id = (
 )
 RETURNING q.run_id, q.attempts
 """
+
+
+# Runs that lack every Run-object field (the same test as at ingest) and were never queued.
+# Sorted like the ingest enqueue, so the two never wait on each other's rows in a cycle.
+_SWEEP = f"""
+INSERT INTO enrichment_queue (run_id)
+SELECT r.id FROM runs r
+WHERE {" AND ".join(f"r.{name} IS NULL" for name in RUN_OBJECT_FIELDS)}
+  AND NOT EXISTS (SELECT 1 FROM enrichment_queue q WHERE q.run_id = r.id)
+ORDER BY r.id
+ON CONFLICT (run_id) DO NOTHING
+"""
+_SWEEP_LOCK = 0x5E0F_E4C4  # advisory lock: one sweep at a time across processes
+
+
+class LeaseLost(Exception):
+    """Another worker claimed the item after this one's lease ran out."""
 
 
 class RateLimiter:
@@ -146,30 +167,42 @@ class Enricher:
         return Outcome("failed", f"http_{status}"), response
 
     async def process(self, run_id: str, attempts: int) -> str:
+        """Fetch and merge one claimed item; returns done, retry, failed or lost."""
         outcome, response = await self.fetch(run_id)
-        if outcome.kind == "done":
-            assert response is not None
-            try:
-                await self.merge(run_id, response)
-                return "done"
-            except (ReceiverError, ValueError) as exc:
-                outcome = Outcome("failed", f"invalid_run_object: {exc}")
-        if outcome.pause:
-            self.paused_until = time.monotonic() + self.settings.enrichment_auth_pause_seconds
+        try:
+            if outcome.kind == "done":
+                assert response is not None
+                try:
+                    await self.merge(run_id, attempts, response)
+                    return "done"
+                except (ReceiverError, ValueError) as exc:
+                    outcome = Outcome("failed", f"invalid_run_object: {exc}")
+            if outcome.pause:
+                self.pause(outcome.reason)
+            if outcome.kind == "retry" and attempts < self.settings.enrichment_max_attempts:
+                delay = backoff_seconds(self.settings, attempts, outcome.retry_after)
+                await self.reschedule(run_id, attempts, delay, outcome.reason)
+                return "retry"
+            await self.give_up(run_id, attempts, outcome.reason or "unknown")
+            return "failed"
+        except LeaseLost:
+            log.warning("enrichment of %s: lease ran out and another worker took it", run_id)
+            return "lost"
+
+    def pause(self, reason: str | None) -> None:
+        """Stop fetching for a while after a refused key; one log line per pause."""
+        now = time.monotonic()
+        already = self.paused_until > now
+        self.paused_until = now + self.settings.enrichment_auth_pause_seconds
+        if not already:
             log.error(
                 "Runflow API refused the key (%s); enrichment paused for %.0fs: "
                 "check RECEIVER_RUNFLOW_API_KEY",
-                outcome.reason,
+                reason,
                 self.settings.enrichment_auth_pause_seconds,
             )
-        if outcome.kind == "retry" and attempts < self.settings.enrichment_max_attempts:
-            delay = backoff_seconds(self.settings, attempts, outcome.retry_after)
-            await self.reschedule(run_id, delay, outcome.reason)
-            return "retry"
-        await self.give_up(run_id, outcome.reason or "unknown")
-        return "failed"
 
-    async def merge(self, run_id: str, response: httpx.Response) -> None:
+    async def merge(self, run_id: str, attempts: int, response: httpx.Response) -> None:
         body = response.content
         document = orjson.loads(body)
         if not isinstance(document, dict):
@@ -190,11 +223,15 @@ class Enricher:
         )
 
         async def close_item(conn: Any, result: StoreResult) -> None:
-            await conn.execute(
+            status = await conn.execute(
                 "UPDATE enrichment_queue SET state = 'done', locked_until = NULL,"
-                " last_error = NULL, updated_at = now() WHERE run_id = $1",
+                " last_error = NULL, updated_at = now()"
+                " WHERE run_id = $1 AND state = 'pending' AND attempts = $2",
                 run_id,
+                attempts,
             )
+            if status == "UPDATE 0":
+                raise LeaseLost(run_id)  # rolls the merge back: the new claimant merges
             await conn.execute(
                 "UPDATE runs SET enriched_at = now(), enrichment_error = NULL WHERE id = $1",
                 run_id,
@@ -202,24 +239,34 @@ class Enricher:
 
         await store_parsed(self.engine, entry, parsed, also=close_item)
 
-    async def reschedule(self, run_id: str, delay: float, reason: str | None) -> None:
+    async def reschedule(
+        self, run_id: str, attempts: int, delay: float, reason: str | None
+    ) -> None:
         async with driver_connection(self.engine) as conn:
-            await conn.execute(
-                "UPDATE enrichment_queue SET next_attempt_at = now() + make_interval(secs => $2),"
-                " locked_until = NULL, last_error = $3, updated_at = now() WHERE run_id = $1",
+            status = await conn.execute(
+                "UPDATE enrichment_queue SET next_attempt_at = now() + make_interval(secs => $3),"
+                " locked_until = NULL, last_error = $4, updated_at = now()"
+                " WHERE run_id = $1 AND state = 'pending' AND attempts = $2",
                 run_id,
+                attempts,
                 delay,
                 reason,
             )
+        if status == "UPDATE 0":
+            raise LeaseLost(run_id)
 
-    async def give_up(self, run_id: str, reason: str) -> None:
+    async def give_up(self, run_id: str, attempts: int, reason: str) -> None:
         async with driver_connection(self.engine) as conn, conn.transaction():
-            await conn.execute(
+            status = await conn.execute(
                 "UPDATE enrichment_queue SET state = 'failed', locked_until = NULL,"
-                " last_error = $2, updated_at = now() WHERE run_id = $1",
+                " last_error = $3, updated_at = now()"
+                " WHERE run_id = $1 AND state = 'pending' AND attempts = $2",
                 run_id,
+                attempts,
                 reason,
             )
+            if status == "UPDATE 0":
+                raise LeaseLost(run_id)
             await conn.execute(
                 "UPDATE runs SET enrichment_error = $2 WHERE id = $1", run_id, reason
             )
@@ -244,6 +291,13 @@ class Enricher:
     async def run(self, stop: asyncio.Event) -> None:
         """Work the queue with ``enrichment_concurrency`` tasks until ``stop`` is set."""
         log.info("enrichment worker started (%d tasks)", self.settings.enrichment_concurrency)
+        try:
+            queued = await enqueue_unqueued(self.engine)
+        except Exception:  # the queue filled at ingest still gets worked
+            log.exception("could not queue earlier runs for enrichment")
+        else:
+            if queued:
+                log.info("queued %d earlier runs for enrichment", queued)
         tasks = [
             asyncio.create_task(self._task(stop))
             for _ in range(self.settings.enrichment_concurrency)
@@ -259,6 +313,14 @@ class Enricher:
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def enqueue_unqueued(engine: AsyncEngine) -> int:
+    """Queue every stored run that lacks the Run-object fields and was never queued."""
+    async with driver_connection(engine) as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SWEEP_LOCK)
+        status: str = await conn.execute(_SWEEP)
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def queue_status(engine: AsyncEngine) -> dict[str, Any]:

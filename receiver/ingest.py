@@ -161,7 +161,7 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         parsed = parse_body(raw.content_type, raw.body)
     except ReceiverError as error:
         raise await archive_rejection(engine, entry, error) from None
-    enrich = settings.enrichment_enabled
+    enrich = settings.enrichment_queueing
     try:
         result = await store_parsed(engine, entry, parsed, enrich=enrich)
     except CONNECTION_LOST as exc:
@@ -271,8 +271,11 @@ async def _store(
     return result
 
 
-async def replay(engine: AsyncEngine, delivery_id: int) -> StoreResult:
-    """Run a kept delivery through parsing and merging again; returns the new outcome."""
+async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False) -> StoreResult:
+    """Run a kept delivery through parsing and merging again; returns the new outcome.
+
+    ``enrich`` queues envelope-only runs for enrichment, as ``receive`` does.
+    """
     async with driver_connection(engine) as conn:
         row = await conn.fetchrow(
             "SELECT id, received_at, body, content_type, signature, outcome, run_id, batch_id,"
@@ -313,4 +316,4 @@ async def replay(engine: AsyncEngine, delivery_id: int) -> StoreResult:
         async with driver_connection(engine) as conn:
             await store.update_delivery(conn, delivery_id, result, None)
         return result
-    return await store_parsed(engine, entry, parsed, replay_of=delivery_id)
+    return await store_parsed(engine, entry, parsed, replay_of=delivery_id, enrich=enrich)

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     # Pool size per worker process; two workers x this must stay under max_connections.
     db_pool_size: int = Field(default=10, ge=1, le=200)
-    # Enrichment from Runflow's API (on when runflow_api_key is set and concurrency > 0).
+    # Enrichment from Runflow's API: runs are queued whenever runflow_api_key is set; the
+    # concurrency is this process's worker tasks (0: no worker here, e.g. an HTTP-only serve
+    # next to separate `runflow-receiver worker` processes).
     enrichment_concurrency: int = Field(default=4, ge=0, le=64)
     enrichment_rps: float = Field(default=10.0, gt=0)
     enrichment_max_attempts: int = Field(default=8, ge=1)
@@ -60,8 +62,14 @@ class Settings(BaseSettings):
     metrics_top_failure_codes: int = Field(default=20, ge=1, le=500)
 
     @property
+    def enrichment_queueing(self) -> bool:
+        """Envelope-only runs are queued for enrichment (whoever works the queue)."""
+        return bool(self.runflow_api_key)
+
+    @property
     def enrichment_enabled(self) -> bool:
-        return bool(self.runflow_api_key) and self.enrichment_concurrency > 0
+        """This process runs enrichment worker tasks."""
+        return self.enrichment_queueing and self.enrichment_concurrency > 0
 
     @field_validator("signing_secrets", "api_tokens", mode="before")
     @classmethod

@@ -52,3 +52,31 @@ async def test_interrupted_backfill_resumes_and_imports_each_run_once(db, databa
         assert again["stored"] == 0
 
     assert await stored_per_run(database_url) == {f"hist_{i:02d}": 1 for i in range(23)}
+
+
+async def test_a_malformed_listed_run_is_kept_as_rejected_and_the_backfill_goes_on(
+    db, database_url
+):
+    fake = FakeRunflow()
+    for i in range(7):
+        fake.runs[f"ok_{i}"] = run_object(f"ok_{i}", created_at=iso(T0 + timedelta(minutes=i)))
+    fake.runs["bad"] = run_object("bad", created_at=iso(T0), cost="not a number")
+    with serve_fake(fake) as url:
+        settings = enrichment_settings(database_url, url)
+        counts = await backfill(
+            settings, db, since=T0 - timedelta(hours=1), page_size=3, out=io.StringIO()
+        )
+    assert counts["stored"] == 7 and counts["rejected"] == 1
+    assert await stored_per_run(database_url) == {f"ok_{i}": 1 for i in range(7)}
+    conn = await asyncpg.connect(plain_url(database_url))
+    try:
+        rejected = await conn.fetch(
+            "SELECT cause, body FROM deliveries WHERE outcome = 'rejected'"
+            " AND signature = 'backfill'"
+        )
+        stored_ids = {r["id"] for r in await conn.fetch("SELECT id FROM runs")}
+    finally:
+        await conn.close()
+    assert [r["cause"] for r in rejected] == ["invalid_payload"]
+    assert b'"not a number"' in rejected[0]["body"]  # kept, so it can be replayed
+    assert "bad" not in stored_ids

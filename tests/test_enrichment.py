@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from receiver.app import create_app
 from receiver.db import plain_url
-from receiver.enrichment import Enricher
+from receiver.enrichment import Enricher, enqueue_unqueued
 from receiver.settings import Settings
 from tests.builders import (
     API_TOKEN,
@@ -233,9 +234,117 @@ async def test_refused_key_ends_the_item_and_pauses_the_worker(
     await enricher.client.aclose()
 
 
-def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
+async def test_http_only_serve_still_queues_for_separate_workers(db, database_url, fake, fake_url):
+    settings = enrichment_settings(database_url, fake_url, enrichment_concurrency=0)
+    fake.runs["split_1"] = full_run("split_1")
+    app = create_app(settings)  # serve with no worker tasks of its own
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            await post_delivery(client, envelope("split_1", status="failed", output=None))
+            status = (await client.get("/enrichment/status", headers=auth())).json()
+    assert status["enabled"] is True and status["pending"] == 1
+    assert fake.requests["split_1"] == 0
+
+    # A separate worker process (here: a worker with tasks) takes the item.
+    await drain(enrichment_settings(database_url, fake_url), db)
+    [run] = await fetch(database_url, "SELECT failure_code, client_ref FROM runs")
+    assert run == {"failure_code": "out_of_memory", "client_ref": "order-split_1"}
+
+
+async def wait_for(url: str, sql: str, expected: object, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while (await fetch(url, sql)) != expected:
+        assert time.monotonic() < deadline, f"timed out waiting for {sql}"
+        await asyncio.sleep(0.05)
+
+
+async def test_runs_kept_before_the_key_was_set_are_enriched_when_a_worker_starts(
+    client, db, database_url, fake, fake_url
+):
+    # `client` is an app without an API key: nothing is queued at ingest.
+    for run_id in ("old_1", "old_2"):
+        fake.runs[run_id] = full_run(run_id)
+        await post_delivery(client, envelope(run_id, status="failed", output=None))
+    await post_delivery(client, run_object("old_full"))
+    assert await fetch(database_url, "SELECT run_id FROM enrichment_queue") == []
+
+    settings = enrichment_settings(database_url, fake_url)
+    stop_event = asyncio.Event()
+    worker = asyncio.create_task(Enricher(settings, db).run(stop_event))
+    try:
+        await wait_for(
+            database_url,
+            "SELECT id FROM runs WHERE enriched_at IS NOT NULL ORDER BY id",
+            [{"id": "old_1"}, {"id": "old_2"}],
+        )
+    finally:
+        stop_event.set()
+        await worker
+    runs = await fetch(database_url, "SELECT id, failure_code FROM runs ORDER BY id")
+    assert runs == [
+        {"id": "old_1", "failure_code": "out_of_memory"},
+        {"id": "old_2", "failure_code": "out_of_memory"},
+        {"id": "old_full", "failure_code": None},
+    ]
+    assert fake.requests["old_full"] == 0  # a run seen as a Run object is not fetched
+    assert await enqueue_unqueued(db) == 0  # a later start queues nothing again
+
+
+async def test_a_worker_whose_lease_ran_out_cannot_merge_a_second_time(
+    enriching_client, fake, database_url
+):
+    client, settings, engine = enriching_client
+    fake.runs["slow"] = full_run("slow")
+    await post_delivery(client, envelope("slow", status="failed", output=None))
+    late, other = Enricher(settings, engine), Enricher(settings, engine)
+    try:
+        late_claim = await late.claim()
+        assert late_claim == ("slow", 1)
+        # The late worker stalls past its lease; another worker takes the item and finishes.
+        await fetch(database_url, "UPDATE enrichment_queue SET locked_until = now()")
+        other_claim = await other.claim()
+        assert other_claim == ("slow", 2)
+        assert await other.process(*other_claim) == "done"
+
+        # What the late worker now fetches differs, so it would be stored, not a duplicate.
+        fake.runs["slow"] = full_run("slow", duration_ms=2500)
+        assert await late.process(*late_claim) == "lost"
+    finally:
+        await late.client.aclose()
+        await other.client.aclose()
+    merges = await fetch(
+        database_url,
+        "SELECT run_id, outcome FROM deliveries WHERE signature = 'enrichment'",
+    )
+    assert merges == [{"run_id": "slow", "outcome": "stored"}]
+    assert await fetch(database_url, "SELECT duration_ms FROM runs") == [{"duration_ms": 2000}]
+    [item] = await fetch(database_url, "SELECT state, attempts FROM enrichment_queue")
+    assert item == {"state": "done", "attempts": 2}
+
+
+async def test_a_refused_key_is_logged_once_however_many_tasks_saw_it(
+    enriching_client, fake, caplog
+):
+    client, settings, engine = enriching_client
+    fake.api_key = "a_different_key"
+    for run_id in ("r1", "r2", "r3"):
+        await post_delivery(client, envelope(run_id, status="failed", output=None))
+    enricher = Enricher(settings, engine)
+    try:
+        claims = [await enricher.claim() for _ in range(3)]
+        caplog.set_level(logging.ERROR, logger="receiver.enrichment")
+        results = await asyncio.gather(*(enricher.process(*c) for c in claims if c))
+    finally:
+        await enricher.client.aclose()
+    assert results == ["failed", "failed", "failed"]
+    refused = [r for r in caplog.records if "refused the key" in r.getMessage()]
+    assert len(refused) == 1
+
+
+def _worker(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "receiver", "worker"],
+        [sys.executable, "-m", "receiver", "worker", *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -272,7 +381,8 @@ async def test_killed_worker_loses_nothing_and_merges_each_run_once(
     done_at_kill = (await fetch(database_url, count_done))[0]["n"]
     assert done_at_kill < len(ids), "killed too late to test anything"
 
-    second = _worker(env)
+    # The restart takes its task count from the flag (serve can keep 0 in a shared env).
+    second = _worker({**env, "RECEIVER_ENRICHMENT_CONCURRENCY": "0"}, "--concurrency", "3")
     try:
         deadline = time.monotonic() + 90
         while (await fetch(database_url, count_done))[0]["n"] < len(ids):

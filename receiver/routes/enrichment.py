@@ -26,7 +26,7 @@ STATUS = Operation(
 async def status(request: Request) -> Response:
     check_params(request.query_params, STATUS)
     res = resources(request)
-    body = {"enabled": res.settings.enrichment_enabled, **await queue_status(res.engine)}
+    body = {"enabled": res.settings.enrichment_queueing, **await queue_status(res.engine)}
     return ORJSONResponse(body)
 
 

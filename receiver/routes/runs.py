@@ -178,7 +178,10 @@ async def get_delivery(request: Request) -> Response:
 @authenticated
 async def replay(request: Request) -> Response:
     check_params(request.query_params, REPLAY)
-    result = await ingest.replay(resources(request).engine, _id_path(request))
+    res = resources(request)
+    result = await ingest.replay(
+        res.engine, _id_path(request), enrich=res.settings.enrichment_queueing
+    )
     content: dict[str, object] = {"status": result.outcome, "delivery_id": result.delivery_id}
     for name in ("run_id", "batch_id", "duplicate_of", "cause", "cause_detail"):
         if getattr(result, name) is not None:
