@@ -253,21 +253,27 @@ async def print_plans(conn: asyncpg.Connection, now: datetime) -> None:
             " AND sort_at < $2 AND status = 'failed' GROUP BY 1, 2",
             [after, before],
         ),
-        "failures 7d (totals)": (
-            "SELECT count(*), count(*) FILTER (WHERE status = 'failed') FROM runs"
-            " WHERE sort_at >= $1 AND sort_at < $2",
+        "failures 7d (window count; the route reads it as two halves at once)": (
+            "SELECT count(*) FROM runs WHERE sort_at >= $1 AND sort_at < $2",
             [after, before],
         ),
-        "timeseries 7d": (
-            "SELECT date_bin('1 hour', sort_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'), count(*)"
-            " FROM runs WHERE sort_at >= $1"
-            " AND sort_at < $2 GROUP BY 1",
+        "timeseries 7d (the route reads it as two halves at once)": (
+            "SELECT date_bin('1 hour', sort_at, TIMESTAMPTZ '2000-01-01 00:00:00+00'), count(*),"
+            " count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status ="
+            " 'failed'), count(*) FILTER (WHERE status = 'cancelled'), count(*) FILTER (WHERE"
+            " status = 'partial_succeeded') FROM runs WHERE sort_at >= $1 AND sort_at < $2"
+            " GROUP BY 1",
             [after, before],
         ),
         "durations 7d (values per model; nearest ranks are picked in Python)": (
             "SELECT model, array_agg(duration_ms) FROM runs WHERE sort_at >= $1"
             " AND sort_at < $2 AND status = ANY($3) AND duration_ms IS NOT NULL GROUP BY model",
             [after, before, ["succeeded", "failed", "cancelled", "partial_succeeded"]],
+        ),
+        "costs 7d by model (the route reads it as two halves at once)": (
+            "SELECT model, count(*), COALESCE(sum(cost), 0) FROM runs WHERE sort_at >= $1"
+            " AND sort_at < $2 GROUP BY model",
+            [after, before],
         ),
         "/runs model=model-30": (
             "SELECT * FROM runs WHERE model = $1 ORDER BY sort_at DESC, id DESC LIMIT 51",

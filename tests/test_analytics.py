@@ -345,3 +345,16 @@ async def test_failures_grouped_by_status_and_stage_shares_sum_to_one(client, lo
         (stage, "failed"): n for stage, n in expected.items()
     }
     assert sum(g["share"] for g in body["groups"]) == pytest.approx(1.0)
+
+
+async def test_costs_add_up_exactly_beyond_28_significant_digits(client):
+    tiny, large = "0.000000000000000000000000000001", "1000000000.5"
+    # 30 hours: read as two halves; the halves' sums are added at full precision too.
+    for i, (cost, hours) in enumerate(((tiny, 1), (large, 2), (tiny, 20))):
+        doc = run_object(f"cost_{i}", cost=cost, created_at=iso(T0 + timedelta(hours=hours)))
+        await post_delivery(client, doc)
+    body = await get(client, f"/analytics/costs?{window(T0, T0 + timedelta(hours=30))}")
+    assert body["total"] == "1000000000.500000000000000000000000000002"
+    assert [(g["model"], g["runs"], g["cost"]) for g in body["groups"]] == [
+        ("flux-dev", 3, "1000000000.500000000000000000000000000002")
+    ]
