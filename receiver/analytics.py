@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import MAX_PREC, Decimal, localcontext
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from receiver.db import driver_connection
 from receiver.errors import InvalidQuery
 from receiver.payloads import TERMINAL_STATUSES
-from receiver.queries import Where, run_filters
+from receiver.queries import run_filters
 from receiver.queryparams import DIMENSIONS, RunFilters
 
 BUCKETS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
@@ -76,18 +76,13 @@ async def _fetch(
 
 
 async def failures(engine: AsyncEngine, filters: RunFilters, group_by: list[str]) -> dict[str, Any]:
-    where = run_filters(filters)
     failed_where = run_filters(filters)
     failed_where.add("status = {}", "failed")
-    # Two connections at once: the window count reads every run, the breakdown only the
-    # failed ones, and neither needs the other's answer.
+    # The window count reads every run, the breakdown only the failed ones (from the status
+    # index); they run on separate connections at once. failed_runs is the breakdown's sum:
+    # every failed run falls in exactly one group, NULL values included.
     totals, rows = await asyncio.gather(
-        _fetch(
-            engine,
-            "SELECT count(*) AS total, count(*) FILTER (WHERE status = 'failed') AS failed"
-            f" FROM runs WHERE {where.sql()}",
-            where.args,
-        ),
+        _fetch_parts(engine, filters, "SELECT count(*) AS total FROM runs WHERE {where}"),
         _fetch(
             engine,
             f"SELECT {_select_dims(group_by)}count(*) AS count FROM runs"
@@ -96,14 +91,17 @@ async def failures(engine: AsyncEngine, filters: RunFilters, group_by: list[str]
             failed_where.args,
         ),
     )
-    failed = int(totals[0]["failed"])
+    failed = sum(int(row["count"]) for row in rows)
     groups = []
     for row in rows:
+        if not row["count"]:  # no GROUP BY over no rows still yields one row
+            continue
         group = {name: row[name] for name in group_by}
         group["count"] = int(row["count"])
-        group["share"] = row["count"] / failed if failed else 0.0
+        group["share"] = row["count"] / failed
         groups.append(group)
-    return {"total_runs": int(totals[0]["total"]), "failed_runs": failed, "groups": groups}
+    total = sum(int(row["total"]) for row in totals)
+    return {"total_runs": total, "failed_runs": failed, "groups": groups}
 
 
 def bucket_starts(bucket: str, after: datetime, before: datetime) -> list[datetime]:
@@ -205,21 +203,30 @@ async def durations(
 
 
 async def costs(engine: AsyncEngine, filters: RunFilters, group_by: list[str]) -> dict[str, Any]:
-    where: Where = run_filters(filters)
-    rows = await _fetch(
+    rows = await _fetch_parts(
         engine,
+        filters,
         f"SELECT {_select_dims(group_by)}count(*) AS runs, COALESCE(sum(cost), 0) AS cost"
-        f" FROM runs WHERE {where.sql()} {_group_clause(group_by)}"
-        " ORDER BY cost DESC" + "".join(f", {n} NULLS LAST" for n in group_by),
-        where.args,
+        f" FROM runs WHERE {{where}} {_group_clause(group_by)}",
     )
-    total = sum((Decimal(row["cost"]) for row in rows), Decimal(0))
+    sums: dict[tuple[Any, ...], tuple[int, Decimal]] = {}
+    # NUMERIC is unbounded; the default 28 significant digits would round a sum that PostgreSQL
+    # computed exactly, so Python adds at full precision too.
+    with localcontext(prec=MAX_PREC):
+        for row in rows:
+            if not row["runs"]:  # no GROUP BY over no rows still yields one row
+                continue
+            key = tuple(row[name] for name in group_by)
+            runs, cost = sums.get(key, (0, Decimal(0)))
+            sums[key] = (runs + int(row["runs"]), cost + row["cost"])
+        total = sum((cost for _, cost in sums.values()), Decimal(0))
+    ordered = sorted(
+        sums.items(), key=lambda item: (-item[1][1], *((v is None, v or "") for v in item[0]))
+    )
     groups = []
-    for row in rows:
-        if not row["runs"]:
-            continue
-        group: dict[str, Any] = {name: row[name] for name in group_by}
-        group["runs"] = int(row["runs"])
-        group["cost"] = str(row["cost"])
+    for key, (runs, cost) in ordered:
+        group: dict[str, Any] = dict(zip(group_by, key, strict=True))
+        group["runs"] = runs
+        group["cost"] = str(cost)
         groups.append(group)
     return {"total": str(total), "groups": groups}

@@ -30,11 +30,12 @@ class Where:
         self.args: list[Any] = []
 
     def add(self, template: str, *values: Any) -> None:
-        names = []
-        for value in values:
-            self.args.append(value)
-            names.append(f"${len(self.args)}")
-        self.parts.append(template.format(*names))
+        self.parts.append(template.format(*(self.param(value) for value in values)))
+
+    def param(self, value: Any) -> str:
+        """A placeholder bound to ``value``, for SQL written around this clause."""
+        self.args.append(value)
+        return f"${len(self.args)}"
 
     def raw(self, condition: str) -> None:
         self.parts.append(condition)
@@ -66,27 +67,72 @@ def run_out(row: Any) -> dict[str, Any]:
     return out
 
 
+# A multi-valued filter on its own makes PostgreSQL scan the whole sort index and filter it
+# (90 ms at 1M runs for two rare models); read as one ordered index range per value and
+# merged (Merge Append), the same page takes under 1 ms. Most selective columns first.
+SPREAD_ORDER = (
+    "client_ref",
+    "batch_id",
+    "failure_code",
+    "model",
+    "org_id",
+    "failure_stage",
+    "source",
+    "target_type",
+    "status",
+)
+SPREAD_MOST = 20
+
+
+def _spread_filter(filters: RunFilters) -> str | None:
+    """The multi-valued filter worth reading as one index range per value, if any."""
+    for name in SPREAD_ORDER:
+        if 1 < len(set(filters.values.get(name, ()))) <= SPREAD_MOST:
+            return name
+    return None
+
+
 async def list_runs(
     engine: AsyncEngine, filters: RunFilters, *, limit: int, after: tuple[datetime, str] | None
 ) -> tuple[list[dict[str, Any]], tuple[datetime, str] | None]:
-    rows, last = await _keyset_page(
-        engine, f"SELECT {RUN_COLUMNS} FROM runs", run_filters(filters), "sort_at", limit, after
-    )
+    select = f"SELECT {RUN_COLUMNS} FROM runs"
+    spread = _spread_filter(filters)
+    if spread is None:
+        rows, last = await _keyset_page(
+            engine, select, run_filters(filters), "sort_at", limit, after
+        )
+        return [run_out(row) for row in rows], last
+    others = {name: values for name, values in filters.values.items() if name != spread}
+    where = run_filters(RunFilters(others, filters.created_after, filters.created_before))
+    if after is not None:
+        where.add("(sort_at, id) < ({}, {})", *after)
+    order = f"ORDER BY sort_at DESC, id DESC LIMIT {limit + 1}"
+    branches = [
+        f"({select} WHERE {FILTER_COLUMNS[spread]} = {where.param(value)}"
+        f" AND {where.sql()} {order})"
+        for value in dict.fromkeys(filters.values[spread])
+    ]
+    sql = f"SELECT * FROM ({' UNION ALL '.join(branches)}) AS page {order}"
+    rows, last = await _page(engine, sql, where.args, "sort_at", limit)
     return [run_out(row) for row in rows], last
 
 
 async def _keyset_page(
     engine: AsyncEngine, select: str, where: Where, key: str, limit: int, after: Any
 ) -> tuple[list[Any], Any]:
-    """Rows after the cursor position, newest first on (``key``, id), and the next position.
-
-    One row more than the page is read to know whether there is a next page.
-    """
+    """Rows after the cursor position, newest first on (``key``, id), and the next position."""
     if after is not None:
         where.add(f"({key}, id) < ({{}}, {{}})", *after)
     sql = f"{select} WHERE {where.sql()} ORDER BY {key} DESC, id DESC LIMIT {limit + 1}"
+    return await _page(engine, sql, where.args, key, limit)
+
+
+async def _page(
+    engine: AsyncEngine, sql: str, args: list[Any], key: str, limit: int
+) -> tuple[list[Any], Any]:
+    """One page of ``sql`` (which reads one row more than the page, to know if more follow)."""
     async with driver_connection(engine) as conn:
-        rows = list(await conn.fetch(sql, *where.args))
+        rows = list(await conn.fetch(sql, *args))
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, ((rows[-1][key], rows[-1]["id"]) if more and rows else None)

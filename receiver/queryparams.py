@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,7 @@ import orjson
 from starlette.datastructures import QueryParams
 
 from receiver.errors import InvalidQuery
+from receiver.payloads import normalise_status
 
 # /runs filters: query parameter -> runs column.
 FILTER_COLUMNS = {
@@ -53,8 +55,12 @@ class RunFilters:
     created_before: datetime | None = None
 
 
+# "...T10:00:00+00:00" sent without URL-encoding the "+" arrives as "...T10:00:00 00:00".
+_UNENCODED_PLUS = re.compile(r"(T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}:?\d{2})$")
+
+
 def parse_datetime(name: str, raw: str) -> datetime:
-    text = raw.strip()
+    text = _UNENCODED_PLUS.sub(r"\1+\2", raw.strip())
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
@@ -67,6 +73,14 @@ def parse_datetime(name: str, raw: str) -> datetime:
     if not 1970 <= moment.year <= 2200:
         raise InvalidQuery(f"{name} must be between 1970 and 2200", [{"param": name}])
     return moment
+
+
+def _status(value: str) -> str:
+    """A status as stored: "canceled" (Runflow's spelling on runs) is "cancelled"."""
+    try:
+        return str(normalise_status(value))
+    except ValueError as exc:
+        raise InvalidQuery(str(exc), [{"param": "status", "value": value}]) from None
 
 
 def check_known(params: QueryParams, allowed: set[str]) -> None:
@@ -84,6 +98,8 @@ def parse_filters(params: QueryParams) -> RunFilters:
         values = [v.strip() for raw in params.getlist(name) for v in raw.split(",") if v.strip()]
         if any("\x00" in value for value in values):
             raise InvalidQuery(f"{name} contains a NUL character", [{"param": name}])
+        if name == "status":
+            values = [_status(value) for value in values]
         if values:
             filters.values[name] = values
     if "created_after" in params:

@@ -51,7 +51,8 @@ class Run(SQLModel, table=True):
     """The current state of one Runflow run, folded from every delivery that touched it."""
 
     __tablename__ = "runs"
-    # Indexes: see alembic/versions/0002_query_indexes.py (one per /runs filter).
+    # Indexes: alembic/versions/0002_query_indexes.py (one per /runs filter) and
+    # 0005_analytics_window_index.py (the window index the analytics read).
 
     id: str = Field(sa_column=Column(Text, primary_key=True))
     org_id: str | None = Field(default=None, sa_column=Column(Text))

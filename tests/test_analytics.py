@@ -250,3 +250,111 @@ async def test_long_windows_read_in_halves_give_the_same_answers(client):
     durations = await get(client, f"/analytics/durations?{window(after, before)}")
     assert durations["groups"][0]["count"] == 4
     assert durations["groups"][0]["p50_ms"] == 2000 and durations["groups"][0]["max_ms"] == 4000
+
+
+FIELD = {
+    "status": lambda d: d["status_code"],
+    "failure_code": lambda d: d["failure_code"],
+    "failure_stage": lambda d: d["failure_stage_code"],
+    "model": lambda d: d["model"]["slug"],
+    "target_type": lambda d: d["target_type"],
+    "source": lambda d: d["source_code"],
+    "client_ref": lambda d: d["client_ref"],
+    "batch_id": lambda d: d["batch_id"],
+    "org_id": lambda d: d["org_id"],
+}
+
+
+@pytest.mark.parametrize(
+    ("param", "values"),
+    [
+        ("status", ["failed", "running"]),
+        ("failure_code", ["oom"]),
+        ("failure_stage", ["dispatch", "execution"]),
+        ("model", ["llama"]),
+        ("target_type", ["flow"]),
+        ("source", ["playground"]),
+        ("client_ref", ["ref-1", "ref-4"]),
+        ("batch_id", ["batch_3"]),
+        ("org_id", ["org_b"]),
+    ],
+)
+async def test_every_filter_narrows_every_analytics_route(client, loaded, param, values):
+    scope = [d for d in loaded if FIELD[param](d) in values]
+    assert scope, "the fixture must exercise this filter"
+    query = f"{WHOLE}&{param}={','.join(values)}"
+
+    failures = await get(client, f"/analytics/failures?{query}")
+    failed = [d for d in scope if d["status_code"] == "failed"]
+    assert (failures["total_runs"], failures["failed_runs"]) == (len(scope), len(failed))
+
+    series = await get(client, f"/analytics/timeseries?{query}&bucket=day")
+    points = series["series"][0]["points"]
+    assert sum(p["total"] for p in points) == len(scope)
+    for status in TERMINAL:
+        assert sum(p[status] for p in points) == sum(d["status_code"] == status for d in scope)
+
+    durations = await get(client, f"/analytics/durations?{query}&group_by=source")
+    timed: dict[str, list[int]] = defaultdict(list)
+    for doc in scope:
+        if doc["status_code"] in TERMINAL and doc["duration_ms"] is not None:
+            timed[doc["source_code"]].append(doc["duration_ms"])
+    got = {g["source"]: (g["count"], g["p90_ms"], g["max_ms"]) for g in durations["groups"]}
+    assert got == {s: (len(v), nearest_rank(v, 0.9), max(v)) for s, v in timed.items()}
+
+    costs = await get(client, f"/analytics/costs?{query}&group_by=status")
+    spent: dict[str, Decimal] = defaultdict(Decimal)
+    for doc in scope:
+        spent[doc["status_code"]] += Decimal(doc["cost"] or 0)
+    counted = Counter(d["status_code"] for d in scope)
+    assert {g["status"]: (g["runs"], Decimal(g["cost"])) for g in costs["groups"]} == {
+        s: (counted[s], spent[s]) for s in counted
+    }
+    assert Decimal(costs["total"]) == sum(spent.values())
+
+
+async def test_minute_buckets_over_a_short_window(client):
+    stamps = [T0, T0 + timedelta(seconds=59), T0 + timedelta(minutes=2, seconds=30)]
+    for i, moment in enumerate(stamps):
+        await post_delivery(
+            client,
+            run_object(
+                f"min_{i}", status_code="failed" if i else "cancelled", created_at=iso(moment)
+            ),
+        )
+    after, before = T0 - timedelta(seconds=30), T0 + timedelta(minutes=3)
+    body = await get(client, f"/analytics/timeseries?{window(after, before)}&bucket=minute")
+    points = body["series"][0]["points"]
+    assert [datetime.fromisoformat(p["ts"]) for p in points] == [
+        T0 - timedelta(minutes=1) + timedelta(minutes=m) for m in range(4)
+    ]
+    assert [(p["total"], p["failed"], p["cancelled"]) for p in points] == [
+        (0, 0, 0),
+        (2, 1, 1),
+        (0, 0, 0),
+        (1, 1, 0),
+    ]
+    assert [p["failure_rate"] for p in points] == [None, 0.5, None, 1.0]
+
+
+async def test_failures_grouped_by_status_and_stage_shares_sum_to_one(client, loaded):
+    body = await get(client, f"/analytics/failures?{WHOLE}&group_by=failure_stage,status")
+    failed = [d for d in loaded if d["status_code"] == "failed"]
+    expected = Counter(d["failure_stage_code"] for d in failed)
+    assert {(g["failure_stage"], g["status"]): g["count"] for g in body["groups"]} == {
+        (stage, "failed"): n for stage, n in expected.items()
+    }
+    assert sum(g["share"] for g in body["groups"]) == pytest.approx(1.0)
+
+
+async def test_costs_add_up_exactly_beyond_28_significant_digits(client):
+    tiny, large = "0.000000000000000000000000000001", "1000000000.5"
+    # 30 hours: read as two halves; the halves' sums are added at full precision too.
+    for i, (cost, hours) in enumerate(((tiny, 1), (large, 2), (tiny, 20))):
+        doc = run_object(f"cost_{i}", cost=cost, created_at=iso(T0 + timedelta(hours=hours)))
+        await post_delivery(client, doc)
+    body = await get(client, f"/analytics/costs?{window(T0, T0 + timedelta(hours=30))}")
+    assert body["total"] == "1000000000.500000000000000000000000000002"
+    assert [(g["model"], g["runs"], g["cost"]) for g in body["groups"]] == [
+        ("flux-dev", 3, "1000000000.500000000000000000000000000002")
+    ]
