@@ -323,6 +323,7 @@ async def test_dropped_database_connections_do_not_lose_deliveries(client, db):
         )
     responses = [await post_delivery(client, envelope(f"run_s{i}")) for i in range(2, 8)]
     assert [r.status_code for r in responses] == [200] * 6
+    await db.dispose()  # the test's own pooled connections were cut too
     stored = await rows(db, "SELECT id FROM runs ORDER BY id")
     assert [r["id"] for r in stored] == [f"run_s{i}" for i in range(1, 8)]
 
