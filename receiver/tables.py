@@ -122,6 +122,9 @@ class Delivery(SQLModel, table=True):
     body_sha256: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
     body_size: int | None = Field(default=None, sa_column=Column(BigInteger))
     signature: str = Field(sa_column=Column(Text, nullable=False))
+    source: str = Field(
+        default="webhook", sa_column=Column(Text, nullable=False, server_default="webhook")
+    )
     outcome: str = Field(sa_column=Column(Text, nullable=False))
     cause: str | None = Field(default=None, sa_column=Column(Text))
     cause_detail: Any = _json()
