@@ -11,9 +11,8 @@ that fails validation is kept as a rejected delivery (replayable) and the backfi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sys
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 import httpx
@@ -27,6 +26,7 @@ from receiver.ingest import archive_rejection, store_parsed
 from receiver.payloads import parse_payload
 from receiver.settings import Settings
 from receiver.store import ArchiveEntry
+from receiver.vocabulary import DeliverySource, SignatureVerdict
 
 
 class BackfillError(Exception):
@@ -91,14 +91,8 @@ async def _get_page(
 async def _import(engine: AsyncEngine, item: Any) -> str:
     """Store one listed run like a posted Run object; a malformed one is kept as rejected."""
     body = orjson.dumps(item)
-    entry = ArchiveEntry(
-        received_at=datetime.now(UTC),
-        signature="backfill",
-        headers={"source": "backfill"},
-        content_type="application/json",
-        body=body,
-        body_sha256=hashlib.sha256(body).digest(),
-        body_size=len(body),
+    entry = ArchiveEntry.of(
+        body, signature=SignatureVerdict.NOT_APPLICABLE, source=DeliverySource.BACKFILL
     )
     try:
         if not isinstance(item, dict):

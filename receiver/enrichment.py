@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -38,6 +36,7 @@ from receiver.ingest import store_parsed
 from receiver.payloads import parse_payload
 from receiver.settings import Settings
 from receiver.store import RUN_OBJECT_FIELDS, ArchiveEntry, StoreResult
+from receiver.vocabulary import DeliverySource, SignatureVerdict
 
 log = logging.getLogger(__name__)
 
@@ -211,15 +210,12 @@ class Enricher:
         parsed = parse_payload(document)
         if parsed.kind != "run_object" or parsed.run_id != run_id:
             raise ValueError(f"expected the Run object of {run_id}")
-        entry = ArchiveEntry(
-            received_at=datetime.now(UTC),
-            signature="enrichment",
+        entry = ArchiveEntry.of(
+            body,
+            signature=SignatureVerdict.NOT_APPLICABLE,
+            source=DeliverySource.ENRICHMENT,
             request_id=response.headers.get("x-request-id"),
-            headers={"source": "enrichment", "url": str(response.request.url)},
-            content_type="application/json",
-            body=body,
-            body_sha256=hashlib.sha256(body).digest(),
-            body_size=len(body),
+            headers={"url": str(response.request.url)},
         )
 
         async def close_item(conn: Any, result: StoreResult) -> None:

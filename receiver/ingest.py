@@ -7,7 +7,6 @@ transaction that made the delivery durable has committed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from receiver.payloads import ParsedPayload, parse_payload
 from receiver.settings import Settings
 from receiver.signature import verify_signature
 from receiver.store import ArchiveEntry, StoreResult
+from receiver.vocabulary import DeliverySource, SignatureVerdict
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,15 @@ class RawDelivery:
         return self.headers.get("content-type")
 
 
-def signature_status(settings: Settings, body: bytes, header: str | None) -> str | None:
+def signature_status(
+    settings: Settings, body: bytes, header: str | None
+) -> SignatureVerdict | None:
     """``valid`` or ``unsigned`` when the request may proceed, None when it must be refused."""
     if header and settings.signing_secrets:
-        return "valid" if verify_signature(body, header, settings.signing_secrets) else None
+        valid = verify_signature(body, header, settings.signing_secrets)
+        return SignatureVerdict.VALID if valid else None
     if settings.allow_unsigned:
-        return "unsigned"
+        return SignatureVerdict.UNSIGNED
     return None
 
 
@@ -108,18 +111,24 @@ def parse_body(content_type: str | None, body: bytes) -> ParsedPayload:
     return parse_payload(document)
 
 
-def archive_entry(raw: RawDelivery, signature: str, *, keep_body: bool) -> ArchiveEntry:
-    kept = {name: raw.headers[name] for name in KEPT_HEADERS if name in raw.headers}
-    return ArchiveEntry(
-        received_at=raw.received_at,
+def kept_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {name: headers[name] for name in KEPT_HEADERS if name in headers}
+
+
+def archive_entry(
+    raw: RawDelivery, signature: SignatureVerdict, *, keep_body: bool
+) -> ArchiveEntry:
+    entry = ArchiveEntry.of(
+        raw.body,
         signature=signature,
+        received_at=raw.received_at,
         request_id=raw.headers.get("runflow-request-id"),
-        headers=kept,
+        headers=kept_headers(raw.headers),
         content_type=raw.content_type,
-        body=raw.body if keep_body else None,
-        body_sha256=hashlib.sha256(raw.body).digest(),
-        body_size=len(raw.body),
     )
+    if not keep_body:
+        entry.body = None
+    return entry
 
 
 async def archive_rejection(
@@ -154,7 +163,10 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         )
         # Anyone can send these: count them, never keep their bodies.
         raise await archive_rejection(
-            engine, archive_entry(raw, "invalid", keep_body=False), refusal, keep_body=False
+            engine,
+            archive_entry(raw, SignatureVerdict.INVALID, keep_body=False),
+            refusal,
+            keep_body=False,
         )
     entry = archive_entry(raw, signature, keep_body=True)
     try:
@@ -278,8 +290,8 @@ async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False)
     """
     async with driver_connection(engine) as conn:
         row = await conn.fetchrow(
-            "SELECT id, received_at, body, content_type, signature, outcome, run_id, batch_id,"
-            " duplicate_of FROM deliveries WHERE id = $1",
+            "SELECT id, received_at, body, content_type, signature, source, outcome, run_id,"
+            " batch_id, duplicate_of FROM deliveries WHERE id = $1",
             delivery_id,
         )
     if row is None:
@@ -296,13 +308,12 @@ async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False)
     if row["body"] is None:
         raise NotReplayable(f"delivery {delivery_id} kept no body (it failed the signature check)")
     body = bytes(row["body"])
-    entry = ArchiveEntry(
+    entry = ArchiveEntry.of(
+        body,
+        signature=SignatureVerdict(row["signature"]),
+        source=DeliverySource(row["source"]),
         received_at=row["received_at"],
-        signature=row["signature"],
         content_type=row["content_type"],
-        body=body,
-        body_sha256=hashlib.sha256(body).digest(),
-        body_size=len(body),
     )
     try:
         parsed = parse_body(row["content_type"], body)

@@ -17,7 +17,7 @@ RUN_COLUMNS = (
     " last_received_at, delivery_count, enriched_at, enrichment_error, sort_at"
 )
 DELIVERY_COLUMNS = (
-    "id, received_at, outcome, cause, cause_detail, kind, run_id, batch_id, signature,"
+    "id, received_at, outcome, cause, cause_detail, kind, run_id, batch_id, signature, source,"
     " request_id, content_type, body_size, duplicate_of, replay_count, replayed_at, headers"
 )
 

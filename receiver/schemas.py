@@ -108,6 +108,7 @@ class DeliveryOut(_Out):
     run_id: str | None
     batch_id: str | None
     signature: str
+    source: str
     request_id: str | None
     content_type: str | None
     body_size: int | None

@@ -10,9 +10,10 @@ pure ``fold_run``; a concurrent delivery for the same run waits and then folds b
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +21,7 @@ import orjson
 
 from receiver.merge import PRECEDENCE, MergedRun, StoredPatch, fold_run, precedence
 from receiver.payloads import RUN_FIELDS, ParsedPayload
+from receiver.vocabulary import DeliverySource, SignatureVerdict
 
 # Column types of run fields that need converting between JSON patches and SQL values.
 _DATETIME_FIELDS = frozenset({"created_at", "started_at", "completed_at"})
@@ -36,16 +38,42 @@ def json_text(value: Any) -> str | None:
 
 @dataclass
 class ArchiveEntry:
-    """What the archive keeps about a request, whatever its outcome."""
+    """What the archive keeps about a request, whatever its outcome. Build with :meth:`of`."""
 
     received_at: datetime
     signature: str
+    source: str = DeliverySource.WEBHOOK
     request_id: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
     body: bytes | None = None
     body_sha256: bytes | None = None
     body_size: int | None = None
+
+    @classmethod
+    def of(
+        cls,
+        body: bytes | None,
+        *,
+        signature: SignatureVerdict,
+        source: DeliverySource = DeliverySource.WEBHOOK,
+        received_at: datetime | None = None,
+        request_id: str | None = None,
+        headers: dict[str, str] | None = None,
+        content_type: str | None = "application/json",
+    ) -> ArchiveEntry:
+        """The one way to describe a delivery: its hash and size come from ``body``."""
+        return cls(
+            received_at=received_at or datetime.now(UTC),
+            signature=signature,
+            source=source,
+            request_id=request_id,
+            headers=headers or {},
+            content_type=content_type,
+            body=body,
+            body_sha256=None if body is None else hashlib.sha256(body).digest(),
+            body_size=None if body is None else len(body),
+        )
 
 
 @dataclass
@@ -63,10 +91,10 @@ class StoreResult:
 _INSERT_DELIVERY = """
 INSERT INTO deliveries (
     id, received_at, request_id, headers, content_type, body, body_sha256, body_size,
-    signature, outcome, cause, cause_detail, kind, run_id, batch_id, duplicate_of
+    signature, outcome, cause, cause_detail, kind, run_id, batch_id, duplicate_of, source
 ) VALUES (
     COALESCE($1, nextval('deliveries_id_seq')), $2, $3, $4, $5, $6, $7, $8,
-    $9, $10, $11, $12, $13, $14, $15, $16
+    $9, $10, $11, $12, $13, $14, $15, $16, $17
 )
 RETURNING id
 """
@@ -251,6 +279,7 @@ async def insert_delivery(
         run_id,
         batch_id,
         duplicate_of,
+        entry.source,
     )
     return new_id
 

@@ -19,7 +19,7 @@ async def stored_per_run(url: str) -> dict[str, int]:
     conn = await asyncpg.connect(plain_url(url))
     try:
         rows = await conn.fetch(
-            "SELECT run_id, count(*) AS n FROM deliveries WHERE signature = 'backfill'"
+            "SELECT run_id, count(*) AS n FROM deliveries WHERE source = 'backfill'"
             " AND outcome = 'stored' GROUP BY run_id"
         )
     finally:
@@ -71,8 +71,7 @@ async def test_a_malformed_listed_run_is_kept_as_rejected_and_the_backfill_goes_
     conn = await asyncpg.connect(plain_url(database_url))
     try:
         rejected = await conn.fetch(
-            "SELECT cause, body FROM deliveries WHERE outcome = 'rejected'"
-            " AND signature = 'backfill'"
+            "SELECT cause, body FROM deliveries WHERE outcome = 'rejected' AND source = 'backfill'"
         )
         stored_ids = {r["id"] for r in await conn.fetch("SELECT id FROM runs")}
     finally:

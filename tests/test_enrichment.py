@@ -194,7 +194,7 @@ async def test_429s_back_off_then_complete_without_duplicate_merges(
     assert sum(fake.requests.values()) <= 6 + len(ids) + 2
     merges = await fetch(
         database_url,
-        "SELECT run_id, count(*) AS n FROM deliveries WHERE signature = 'enrichment'"
+        "SELECT run_id, count(*) AS n FROM deliveries WHERE source = 'enrichment'"
         " AND outcome = 'stored' GROUP BY run_id ORDER BY run_id",
     )
     assert merges == [{"run_id": run_id, "n": 1} for run_id in sorted(ids)]
@@ -315,7 +315,7 @@ async def test_a_worker_whose_lease_ran_out_cannot_merge_a_second_time(
         await other.client.aclose()
     merges = await fetch(
         database_url,
-        "SELECT run_id, outcome FROM deliveries WHERE signature = 'enrichment'",
+        "SELECT run_id, outcome FROM deliveries WHERE source = 'enrichment'",
     )
     assert merges == [{"run_id": "slow", "outcome": "stored"}]
     assert await fetch(database_url, "SELECT duration_ms FROM runs") == [{"duration_ms": 2000}]
@@ -392,7 +392,7 @@ async def test_killed_worker_loses_nothing_and_merges_each_run_once(
         stop(second)
     merges = await fetch(
         database_url,
-        "SELECT run_id, count(*) AS n FROM deliveries WHERE signature = 'enrichment'"
+        "SELECT run_id, count(*) AS n FROM deliveries WHERE source = 'enrichment'"
         " AND outcome = 'stored' GROUP BY run_id ORDER BY run_id",
     )
     assert merges == [{"run_id": run_id, "n": 1} for run_id in ids]

@@ -18,6 +18,7 @@ from receiver.ingest import RawDelivery
 from receiver.responses import ORJSONResponse
 from receiver.schemas import ErrorBody, IngestAnswer
 from receiver.store import ArchiveEntry
+from receiver.vocabulary import SignatureVerdict
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,12 @@ async def _receive(request: Request) -> Response:
     body = await read_capped(request, res.settings.max_body_bytes)
     if body is None:
         error = PayloadTooLarge(f"body exceeds {res.settings.max_body_bytes} bytes")
-        entry = ArchiveEntry(
+        entry = ArchiveEntry.of(
+            None,
+            signature=SignatureVerdict.UNCHECKED,
             received_at=received_at,
-            signature="unchecked",
             request_id=headers.get("runflow-request-id"),
-            headers={k: headers[k] for k in ingest.KEPT_HEADERS if k in headers},
+            headers=ingest.kept_headers(headers),
             content_type=headers.get("content-type"),
         )
         raise await ingest.archive_rejection(res.engine, entry, error, keep_body=False)
