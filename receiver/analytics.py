@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.errors import InvalidQuery
-from receiver.payloads import TERMINAL_STATUSES
 from receiver.queries import run_filters
 from receiver.queryparams import DIMENSIONS, RunFilters
+from receiver.vocabulary import TERMINAL_STATUSES
 
 BUCKETS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
 BUCKET_SQL = {"minute": "1 minute", "hour": "1 hour", "day": "1 day"}

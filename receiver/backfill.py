@@ -22,10 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from receiver.db import driver_connection
 from receiver.enrichment import Enricher, RateLimiter, backoff_seconds
 from receiver.errors import InvalidPayload, ReceiverError
-from receiver.ingest import archive_rejection, store_parsed
-from receiver.payloads import parse_payload
+from receiver.ingest import ArchiveEntry, archive_rejection, store_parsed
+from receiver.ingest.payloads import parse_payload
 from receiver.settings import Settings
-from receiver.store import ArchiveEntry
 from receiver.vocabulary import DeliverySource, SignatureVerdict
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import orjson
 
-from receiver.signature import sign
+from receiver.ingest.signature import sign
 
 SIGNING_SECRET = "whsec_test_secret_0123456789"
 API_TOKEN = "test-token-abcdef"

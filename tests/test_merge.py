@@ -5,7 +5,8 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.merge import StoredPatch, fold_run, precedence, rank_key
+from receiver.ingest.merge import StoredPatch, fold_run, rank_key
+from receiver.vocabulary import precedence
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 STATUSES = ["queued", "dispatching", "running", "succeeded", "failed", "cancelled"]

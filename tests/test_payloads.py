@@ -4,7 +4,7 @@ from decimal import Decimal
 import pytest
 
 from receiver.errors import InvalidPayload
-from receiver.payloads import failure_from_output, parse_payload
+from receiver.ingest.payloads import failure_from_output, parse_payload
 from tests.builders import batch_envelope, envelope, run_object
 
 

@@ -15,8 +15,8 @@ import orjson
 import pytest
 
 from receiver.db import plain_url
-from receiver.merge import StoredPatch, fold_run, rank_key
-from receiver.payloads import RUN_FIELDS, parse_payload
+from receiver.ingest.merge import StoredPatch, fold_run, rank_key
+from receiver.ingest.payloads import RUN_FIELDS, parse_payload
 from receiver.simulate import SendReport, SimDelivery, generate_traffic, send
 from tests.builders import SIGNING_SECRET
 from tests.conftest import truncate_all

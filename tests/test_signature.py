@@ -1,7 +1,7 @@
 import hashlib
 import hmac
 
-from receiver.signature import sign, verify_signature
+from receiver.ingest.signature import sign, verify_signature
 
 BODY = b'{"run_id":"r1","status":"succeeded"}'
 

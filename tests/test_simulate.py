@@ -15,10 +15,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from receiver.cli import main
-from receiver.merge import PRECEDENCE, precedence
-from receiver.payloads import parse_payload
-from receiver.signature import verify_signature
+from receiver.ingest.payloads import parse_payload
+from receiver.ingest.signature import verify_signature
 from receiver.simulate import generate_traffic
+from receiver.vocabulary import PRECEDENCE, precedence
 from tests.serve_process import serve_in_thread
 
 TRAFFIC = generate_traffic(count=2000, seed=5)

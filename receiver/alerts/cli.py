@@ -10,9 +10,10 @@ import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.alerts.notify import SIGNATURE_HEADER, render, sign
+from receiver.alerts.notify import SIGNATURE_HEADER, render
 from receiver.alerts.rules import get_rule, list_rules
 from receiver.db import driver_connection
+from receiver.ingest.signature import sign
 from receiver.settings import ConfigError, Settings
 
 

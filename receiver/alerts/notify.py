@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import random
 from typing import Any
@@ -21,6 +19,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
+from receiver.ingest.signature import sign
 from receiver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,10 +60,6 @@ def render(notice: dict[str, Any], fmt: str) -> bytes:
         )
         return orjson.dumps({"text": text})
     return orjson.dumps(notice)
-
-
-def sign(body: bytes, secret: str) -> str:
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncClient) -> bool:

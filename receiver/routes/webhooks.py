@@ -14,10 +14,9 @@ from receiver import ingest, metrics
 from receiver.apidoc import Operation, Param
 from receiver.app import DATABASE_DOWN, resources
 from receiver.errors import PayloadTooLarge, ReceiverError, Unavailable
-from receiver.ingest import RawDelivery
+from receiver.ingest import ArchiveEntry, RawDelivery
 from receiver.responses import ORJSONResponse
 from receiver.schemas import ErrorBody, IngestAnswer
-from receiver.store import ArchiveEntry
 from receiver.vocabulary import SignatureVerdict
 
 log = logging.getLogger(__name__)

@@ -20,16 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from receiver.payloads import TERMINAL_STATUSES
-
-PRECEDENCE: Mapping[str, int] = {
-    "queued": 0,
-    "dispatching": 1,
-    "running": 2,
-    **{status: 3 for status in TERMINAL_STATUSES},
-}
-# A payload with no status says nothing about progress: it only fills gaps.
-_NO_STATUS = -1
+from receiver.vocabulary import TERMINAL_RANK, precedence
 
 
 @dataclass(frozen=True)
@@ -41,18 +32,11 @@ class StoredPatch:
     delivery_id: int
 
 
-def precedence(status: str | None) -> int:
-    """The progress rank of a status; unknown or missing ranks lowest."""
-    if status is None:
-        return _NO_STATUS
-    return PRECEDENCE.get(status, _NO_STATUS)
-
-
 def rank_key(patch: StoredPatch) -> tuple[int, int, float, datetime, int]:
     """Sort key: precedence, then (terminal only) completed_at, then arrival."""
     level = precedence(patch.fields.get("status"))
     completed = patch.fields.get("completed_at")
-    if level == PRECEDENCE["succeeded"] and isinstance(completed, datetime):
+    if level == TERMINAL_RANK and isinstance(completed, datetime):
         has_completed, completed_ts = 1, completed.timestamp()
     else:
         has_completed, completed_ts = 0, 0.0

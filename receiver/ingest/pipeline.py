@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver import store
 from receiver.db import CONNECTION_LOST, driver_connection
 from receiver.errors import (
     InvalidJson,
@@ -27,36 +24,15 @@ from receiver.errors import (
     ReceiverError,
     UnsupportedMediaType,
 )
-from receiver.payloads import ParsedPayload, parse_payload
+from receiver.ingest import store
+from receiver.ingest.archive import ArchiveEntry, RawDelivery, archive_entry
+from receiver.ingest.payloads import ParsedPayload, parse_payload
+from receiver.ingest.signature import verify_signature
+from receiver.ingest.store import StoreResult
 from receiver.settings import Settings
-from receiver.signature import verify_signature
-from receiver.store import ArchiveEntry, StoreResult
-from receiver.vocabulary import DeliverySource, SignatureVerdict
+from receiver.vocabulary import DeliveryOutcome, DeliverySource, SignatureVerdict
 
 log = logging.getLogger(__name__)
-
-
-KEPT_HEADERS = (
-    "content-type",
-    "content-length",
-    "user-agent",
-    "runflow-request-id",
-    "runflow-signature",
-    "x-forwarded-for",
-)
-
-
-@dataclass
-class RawDelivery:
-    """A request as the route read it (body already capped)."""
-
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-
-    @property
-    def content_type(self) -> str | None:
-        return self.headers.get("content-type")
 
 
 def signature_status(
@@ -111,26 +87,6 @@ def parse_body(content_type: str | None, body: bytes) -> ParsedPayload:
     return parse_payload(document)
 
 
-def kept_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {name: headers[name] for name in KEPT_HEADERS if name in headers}
-
-
-def archive_entry(
-    raw: RawDelivery, signature: SignatureVerdict, *, keep_body: bool
-) -> ArchiveEntry:
-    entry = ArchiveEntry.of(
-        raw.body,
-        signature=signature,
-        received_at=raw.received_at,
-        request_id=raw.headers.get("runflow-request-id"),
-        headers=kept_headers(raw.headers),
-        content_type=raw.content_type,
-    )
-    if not keep_body:
-        entry.body = None
-    return entry
-
-
 async def archive_rejection(
     engine: AsyncEngine, entry: ArchiveEntry, error: ReceiverError, *, keep_body: bool = True
 ) -> ReceiverError:
@@ -139,7 +95,7 @@ async def archive_rejection(
         error.delivery_id = await store.insert_delivery(
             conn,
             entry,
-            outcome="rejected",
+            outcome=DeliveryOutcome.REJECTED,
             keep_body=keep_body,
             cause=error.code,
             cause_detail={"message": error.message, "details": error.details},
@@ -182,7 +138,7 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         # attempt a duplicate, and the delivery is durable either way.
         log.warning("connection lost while storing (%s); retrying once", type(exc).__name__)
         result = await store_parsed(engine, entry, parsed, enrich=enrich)
-    if result.outcome == "rejected":
+    if result.outcome == DeliveryOutcome.REJECTED:
         rejection = InvalidPayload(
             (result.cause_detail or {}).get("message", "payload rejected"),
             (result.cause_detail or {}).get("details", []),
@@ -250,7 +206,9 @@ async def _store(
                 "details": [{"loc": "client_ref", "msg": "unresolved client_ref"}],
             }
             return await record(
-                StoreResult("rejected", 0, cause=InvalidPayload.code, cause_detail=detail),
+                StoreResult(
+                    DeliveryOutcome.REJECTED, 0, cause=InvalidPayload.code, cause_detail=detail
+                ),
                 keep_body=True,
             )
         run_id = matches[0]
@@ -260,13 +218,18 @@ async def _store(
     if owner is None:
         original = await store.fingerprint_owner(conn, entry.body_sha256)
         result = StoreResult(
-            "duplicate", 0, run_id=run_id, batch_id=parsed.batch_id, duplicate_of=original
+            DeliveryOutcome.DUPLICATE,
+            0,
+            run_id=run_id,
+            batch_id=parsed.batch_id,
+            duplicate_of=original,
         )
         # The same bytes are already kept once: the duplicate's row records the request only.
         return await record(result, keep_body=False)
 
     result = await record(
-        StoreResult("stored", owner, run_id=run_id, batch_id=parsed.batch_id), keep_body=True
+        StoreResult(DeliveryOutcome.STORED, owner, run_id=run_id, batch_id=parsed.batch_id),
+        keep_body=True,
     )
     patches = [(patch.run_id, patch.fields) for patch in parsed.runs if patch.run_id]
     if patches:
@@ -296,7 +259,7 @@ async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False)
         )
     if row is None:
         raise NotFound(f"delivery {delivery_id} not found")
-    if row["outcome"] in ("stored", "duplicate"):
+    if row["outcome"] in (DeliveryOutcome.STORED, DeliveryOutcome.DUPLICATE):
         # Already merged: replaying is a no-op that reports what happened.
         return StoreResult(
             row["outcome"],
@@ -319,7 +282,7 @@ async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False)
         parsed = parse_body(row["content_type"], body)
     except ReceiverError as error:
         result = StoreResult(
-            "rejected",
+            DeliveryOutcome.REJECTED,
             delivery_id,
             cause=error.code,
             cause_detail={"message": error.message, "details": error.details},

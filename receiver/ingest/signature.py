@@ -1,4 +1,6 @@
-"""Runflow webhook signatures: lowercase hex HMAC-SHA256 of the raw body, keyed by the secret.
+"""HMAC-SHA256 signatures: Runflow's on inbound webhooks, and ours on outbound alert hooks.
+
+Both are lowercase hex HMAC-SHA256 of the raw body, keyed by the secret.
 
 The secret is used as its UTF-8 bytes (``whsec_...`` is not decoded). During rotation several
 secrets are valid, so every configured one is tried. Comparison is constant time; anything
@@ -15,7 +17,7 @@ SIGNATURE_HEADER = "Runflow-Signature"
 
 
 def sign(body: bytes, secret: str) -> str:
-    """The signature Runflow would send for ``body`` under ``secret``."""
+    """The signature of ``body`` under ``secret`` (what Runflow sends; what hooks receive)."""
     return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
 
 

@@ -16,42 +16,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from receiver.errors import InvalidPayload
-
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "partial_succeeded")
-STATUSES = ("queued", "dispatching", "running", *TERMINAL_STATUSES)
-
-_STATUS_ALIASES = {
-    "canceled": "cancelled",
-    "completed": "succeeded",
-    "success": "succeeded",
-    "partially_succeeded": "partial_succeeded",
-    "partial_success": "partial_succeeded",
-}
-_EVENT_STATUS = {
-    "run.completed": "succeeded",
-    "run.succeeded": "succeeded",
-    "run.failed": "failed",
-    "run.cancelled": "cancelled",
-    "run.canceled": "cancelled",
-    "run.partial_succeeded": "partial_succeeded",
-    "batch.succeeded": "succeeded",
-    "batch.completed": "succeeded",
-    "batch.failed": "failed",
-    "batch.cancelled": "cancelled",
-    "batch.canceled": "cancelled",
-    "batch.partial_succeeded": "partial_succeeded",
-}
+from receiver.vocabulary import EVENT_STATUS, STATUSES, normalise_status
 
 
-def normalise_status(value: object) -> object:
+def _status_word(value: object) -> object:
     """One spelling per status (``cancelled``); unknown words fail validation."""
     if value is None or not isinstance(value, str):
         return value
-    word = value.strip().lower()
-    word = _STATUS_ALIASES.get(word, word)
-    if word not in STATUSES:
-        raise ValueError(f"unknown status {value!r}; expected one of {', '.join(STATUSES)}")
-    return word
+    return normalise_status(value)
 
 
 def _id_text(value: object) -> object:
@@ -77,7 +49,7 @@ def _decimal_text(value: object) -> object:
     raise ValueError("cost must be a decimal string")
 
 
-Status = Annotated[Literal[STATUSES], BeforeValidator(normalise_status)]  # type: ignore[valid-type]
+Status = Annotated[Literal[STATUSES], BeforeValidator(_status_word)]  # type: ignore[valid-type]
 Id = Annotated[str, BeforeValidator(_id_text), Field(min_length=1, max_length=255)]
 Text = Annotated[str, BeforeValidator(_id_text)]
 Cost = Annotated[Decimal, BeforeValidator(_decimal_text)]
@@ -273,7 +245,7 @@ def _status(status: str | None, event: str | None) -> str | None:
     if status is not None:
         return status
     if event is not None:
-        return _EVENT_STATUS.get(event.strip().lower())
+        return EVENT_STATUS.get(event.strip().lower())
     return None
 
 

@@ -10,18 +10,18 @@ pure ``fold_run``; a concurrent delivery for the same run waits and then folds b
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from receiver.merge import PRECEDENCE, MergedRun, StoredPatch, fold_run, precedence
-from receiver.payloads import RUN_FIELDS, ParsedPayload
-from receiver.vocabulary import DeliverySource, SignatureVerdict
+from receiver.ingest.archive import ArchiveEntry
+from receiver.ingest.merge import MergedRun, StoredPatch, fold_run
+from receiver.ingest.payloads import RUN_FIELDS, ParsedPayload
+from receiver.vocabulary import PRECEDENCE, TERMINAL_RANK, DeliveryOutcome, precedence
 
 # Column types of run fields that need converting between JSON patches and SQL values.
 _DATETIME_FIELDS = frozenset({"created_at", "started_at", "completed_at"})
@@ -37,48 +37,8 @@ def json_text(value: Any) -> str | None:
 
 
 @dataclass
-class ArchiveEntry:
-    """What the archive keeps about a request, whatever its outcome. Build with :meth:`of`."""
-
-    received_at: datetime
-    signature: str
-    source: str = DeliverySource.WEBHOOK
-    request_id: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    content_type: str | None = None
-    body: bytes | None = None
-    body_sha256: bytes | None = None
-    body_size: int | None = None
-
-    @classmethod
-    def of(
-        cls,
-        body: bytes | None,
-        *,
-        signature: SignatureVerdict,
-        source: DeliverySource = DeliverySource.WEBHOOK,
-        received_at: datetime | None = None,
-        request_id: str | None = None,
-        headers: dict[str, str] | None = None,
-        content_type: str | None = "application/json",
-    ) -> ArchiveEntry:
-        """The one way to describe a delivery: its hash and size come from ``body``."""
-        return cls(
-            received_at=received_at or datetime.now(UTC),
-            signature=signature,
-            source=source,
-            request_id=request_id,
-            headers=headers or {},
-            content_type=content_type,
-            body=body,
-            body_sha256=None if body is None else hashlib.sha256(body).digest(),
-            body_size=None if body is None else len(body),
-        )
-
-
-@dataclass
 class StoreResult:
-    outcome: str  # "stored" | "duplicate" | "rejected"
+    outcome: DeliveryOutcome
     delivery_id: int
     run_id: str | None = None
     batch_id: str | None = None
@@ -374,7 +334,7 @@ async def merge_patches(
     reached = []
     for run_id, run in merged.items():
         status = run.fields.get("status")
-        if precedence(status) == PRECEDENCE["succeeded"]:
+        if precedence(status) == TERMINAL_RANK:
             before = [p for p in stored[run_id] if p.delivery_id != delivery_id]
             if not before or fold_run(before).fields.get("status") != status:
                 reached.append(str(status))
