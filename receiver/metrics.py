@@ -38,8 +38,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.app import DATABASE_DOWN
-from receiver.db import driver_connection
+from receiver.db import DATABASE_DOWN, driver_connection
 from receiver.enrichment import queue_status
 from receiver.settings import Settings
 

@@ -11,7 +11,8 @@ from schemathesis import checks
 from starlette.routing import Route
 
 from receiver.app import create_app
-from receiver.openapi import all_operations, build_document
+from receiver.openapi import build_document
+from receiver.routes import all_operations
 from receiver.settings import Settings
 from tests.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery, varied_runs
 from tests.conftest import truncate_all
