@@ -19,7 +19,8 @@ from starlette.responses import Response
 
 from receiver.alerts.evaluate import run_evaluator
 from receiver.alerts.notify import run_sender
-from receiver.alerts.rules import load_rules_file, upsert_rule
+from receiver.alerts.rules import load_rules_file
+from receiver.alerts.store import upsert_rule
 from receiver.db import DATABASE_DOWN, create_engine, resolve_database_url
 from receiver.enrichment import Enricher
 from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailable

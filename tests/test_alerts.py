@@ -21,7 +21,8 @@ from sqlmodel import SQLModel
 import receiver.tables  # noqa: F401  (registers the table models)
 from receiver.alerts.evaluate import GroupState, evaluate_once, step
 from receiver.alerts.notify import send_one
-from receiver.alerts.rules import Rule, upsert_rule, validate_rule
+from receiver.alerts.rules import Rule, validate_rule
+from receiver.alerts.store import upsert_rule
 from receiver.app import create_app
 from receiver.db import plain_url
 from receiver.errors import InvalidRule

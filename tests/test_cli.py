@@ -12,7 +12,7 @@ import httpx
 
 from receiver.alerts.evaluate import evaluate_once
 from receiver.alerts.notify import send_one
-from receiver.alerts.rules import upsert_rule
+from receiver.alerts.store import upsert_rule
 from tests.builders import post_delivery, run_object
 from tests.hook_server import HookServer, serve_hook
 from tests.serve_process import receiver_env, run_cli

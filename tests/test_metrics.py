@@ -17,7 +17,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.alerts.evaluate import evaluate_once
-from receiver.alerts.rules import upsert_rule
+from receiver.alerts.store import upsert_rule
 from receiver.app import create_app
 from receiver.db import plain_url
 from receiver.settings import Settings

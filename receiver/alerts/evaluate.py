@@ -25,7 +25,8 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.alerts.notify import render
-from receiver.alerts.rules import Rule, list_rules
+from receiver.alerts.rules import Rule
+from receiver.alerts.store import list_rules
 from receiver.db import driver_connection
 from receiver.queries import Where
 from receiver.settings import Settings
