@@ -230,3 +230,13 @@ async def costs(engine: AsyncEngine, filters: RunFilters, group_by: list[str]) -
         group["cost"] = str(cost)
         groups.append(group)
     return {"total": str(total), "groups": groups}
+
+
+async def failures_last_day(engine: AsyncEngine) -> list[Any]:
+    """Failed runs of the last 24 hours by code and stage (for /metrics)."""
+    return await _fetch(
+        engine,
+        "SELECT failure_code, failure_stage, count(*) AS n FROM runs WHERE status = 'failed'"
+        " AND sort_at >= now() - interval '24 hours' GROUP BY 1, 2",
+        [],
+    )

@@ -149,23 +149,16 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     """Process kept deliveries again: the ids given, or every rejected one."""
-    from receiver.ingest import replay
+    from receiver.ingest import replay, replayable_rejections
 
     if not args.ids and not args.all_rejected:
         raise ConfigError("name delivery ids, or pass --all-rejected")
     engine = open_engine(settings)
 
     async def run() -> int:
-        from receiver.db import driver_connection
-
         ids = list(args.ids)
         if args.all_rejected:
-            async with driver_connection(engine) as conn:
-                rows = await conn.fetch(
-                    "SELECT id FROM deliveries WHERE outcome = 'rejected' AND body IS NOT NULL"
-                    " ORDER BY received_at, id"
-                )
-            ids += [row["id"] for row in rows]
+            ids += await replayable_rejections(engine)
         still_rejected = 0
         try:
             for delivery_id in ids:

@@ -122,3 +122,18 @@ async def events_page(
         item["notifications"] = by_event.get(row["id"], [])
         items.append(item)
     return items, len(rows) > limit
+
+
+async def enabled_rule_states(engine: AsyncEngine) -> list[Any]:
+    """Rule name, group, state and value of every group of every enabled rule (for /metrics).
+
+    A disabled rule's states stay as they were; shown, a firing one would page forever.
+    """
+    async with driver_connection(engine) as conn:
+        return list(
+            await conn.fetch(
+                "SELECT r.name, s.group_key, s.state, s.value FROM alert_states s"
+                " JOIN alert_rules r ON r.id = s.rule_id"
+                " WHERE (r.definition ->> 'enabled')::boolean IS NOT FALSE"
+            )
+        )

@@ -9,7 +9,13 @@ pipeline.py   the journey end to end: receive, store_parsed, replay
 """
 
 from receiver.ingest.archive import ArchiveEntry, RawDelivery, archive_entry, kept_headers
-from receiver.ingest.pipeline import archive_rejection, receive, replay, store_parsed
+from receiver.ingest.pipeline import (
+    archive_rejection,
+    receive,
+    replay,
+    replayable_rejections,
+    store_parsed,
+)
 from receiver.ingest.store import StoreResult
 
 __all__ = [
@@ -21,5 +27,6 @@ __all__ = [
     "kept_headers",
     "receive",
     "replay",
+    "replayable_rejections",
     "store_parsed",
 ]

@@ -291,3 +291,9 @@ async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False)
             await store.update_delivery(conn, delivery_id, result, None)
         return result
     return await store_parsed(engine, entry, parsed, replay_of=delivery_id, enrich=enrich)
+
+
+async def replayable_rejections(engine: AsyncEngine) -> list[int]:
+    """Ids of the rejected deliveries that kept their body, oldest first."""
+    async with driver_connection(engine) as conn:
+        return await store.replayable_rejections(conn)

@@ -277,6 +277,14 @@ async def fingerprint_owner(conn: Any, body_sha256: bytes) -> int | None:
     return owner
 
 
+async def replayable_rejections(conn: Any) -> list[int]:
+    rows = await conn.fetch(
+        "SELECT id FROM deliveries WHERE outcome = 'rejected' AND body IS NOT NULL"
+        " ORDER BY received_at, id"
+    )
+    return [row["id"] for row in rows]
+
+
 async def runs_with_client_ref(conn: Any, client_ref: str) -> list[str]:
     rows = await conn.fetch("SELECT id FROM runs WHERE client_ref = $1 LIMIT 2", client_ref)
     return [row["id"] for row in rows]
