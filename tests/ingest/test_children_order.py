@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from tests.builders import post_delivery, run_object
+from tests.support.builders import post_delivery, run_object
 
 TERMINAL = run_object(
     "run_nodes",

@@ -10,9 +10,8 @@ import pytest
 
 from receiver.backfill import BackfillError, backfill
 from receiver.db import plain_url
-from tests.builders import T0, iso, run_object
-from tests.fake_runflow import FakeRunflow, serve_fake
-from tests.test_enrichment import enrichment_settings
+from tests.support.builders import T0, enrichment_settings, iso, run_object
+from tests.support.fake_runflow import FakeRunflow, serve_fake
 
 
 async def stored_per_run(url: str) -> dict[str, int]:

@@ -13,10 +13,9 @@ import httpx
 from receiver.alerts.evaluate import evaluate_once
 from receiver.alerts.notify import send_one
 from receiver.alerts.store import upsert_rule
-from tests.builders import post_delivery, run_object
-from tests.hook_server import HookServer, serve_hook
-from tests.serve_process import receiver_env, run_cli
-from tests.test_alerts import rule
+from tests.support.builders import post_delivery, rule, run_object
+from tests.support.hook_server import HookServer, serve_hook
+from tests.support.processes import receiver_env, run_cli
 
 
 async def test_replay_all_rejected_after_the_missing_run_arrives(
@@ -87,13 +86,13 @@ def test_bad_configuration_stops_with_one_line(tmp_path):
 
 
 def test_serve_refuses_an_external_database_not_at_head(server_url, tmp_path):
-    from tests.conftest import _with_database, admin_sql
+    from tests.support.database import admin_sql, with_database
 
     name = f"rf_behind_{uuid.uuid4().hex[:8]}"
     admin_sql(server_url, f'CREATE DATABASE "{name}"')
     try:
         env = receiver_env(
-            RECEIVER_DATABASE_URL=_with_database(server_url, name), RECEIVER_DATA_DIR=str(tmp_path)
+            RECEIVER_DATABASE_URL=with_database(server_url, name), RECEIVER_DATA_DIR=str(tmp_path)
         )
         done = subprocess.run(
             [sys.executable, "-m", "receiver", "serve"],

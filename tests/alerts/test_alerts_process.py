@@ -10,10 +10,10 @@ import httpx
 import orjson
 
 from receiver.db import plain_url
-from tests.builders import SIGNING_SECRET, post_delivery, run_object
-from tests.conftest import truncate_all
-from tests.hook_server import HookServer, serve_hook
-from tests.serve_process import receiver_env, serving
+from tests.support.builders import SIGNING_SECRET, post_delivery, run_object
+from tests.support.database import truncate_all
+from tests.support.hook_server import HookServer, serve_hook
+from tests.support.processes import receiver_env, serving
 
 RULES = """
 rules:

@@ -8,7 +8,6 @@ import re
 import signal
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import orjson
@@ -18,9 +17,16 @@ from receiver.db import plain_url
 from receiver.ingest.merge import StoredPatch, fold_run, rank_key
 from receiver.ingest.payloads import RUN_FIELDS, parse_payload
 from receiver.simulate import SendReport, SimDelivery, generate_traffic, send
-from tests.builders import SIGNING_SECRET
-from tests.conftest import truncate_all
-from tests.serve_process import receiver_env, run_cli, serving, stop
+from tests.support.builders import SIGNING_SECRET
+from tests.support.database import truncate_all
+from tests.support.processes import (
+    embedded_url,
+    postmaster_pid,
+    receiver_env,
+    run_cli,
+    serving,
+    stop,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -167,17 +173,6 @@ def test_two_workers_node_runs_and_logs_follow_the_winning_run_object(fired: Fir
     }
     assert got_nodes == nodes
     assert got_logs == logs
-
-
-def embedded_url(data_dir: Path) -> str:
-    """The embedded server's URL, read from its postmaster.pid (socket directory)."""
-    lines = (data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()
-    port, socket_dir = lines[3].strip(), lines[4].strip()
-    return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
-
-
-def postmaster_pid(data_dir: Path) -> int:
-    return int((data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()[0])
 
 
 def test_acknowledged_deliveries_survive_restarts_of_server_and_embedded_database(tmp_path):

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.serve_process import serve_in_thread
+from tests.support.processes import serve_in_thread
 
 
 @dataclass

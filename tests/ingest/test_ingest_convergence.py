@@ -13,8 +13,8 @@ from sqlalchemy import text
 
 from receiver.app import create_app
 from receiver.settings import Settings
-from tests.builders import SIGNING_SECRET, T0, envelope, post_delivery, run_object
-from tests.conftest import truncate_all
+from tests.support.builders import SIGNING_SECRET, T0, envelope, post_delivery, run_object
+from tests.support.database import truncate_all
 
 RANKS = [("queued", None), ("running", None), ("succeeded", 10), ("failed", 20), ("cancelled", 30)]
 IGNORED = {"first_received_at", "last_received_at", "updated_at"}

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.builders import (
+from tests.support.builders import (
     T0,
     auth,
     batch_envelope,

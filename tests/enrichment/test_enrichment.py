@@ -18,36 +18,17 @@ from receiver.app import create_app
 from receiver.db import plain_url
 from receiver.enrichment import Enricher, enqueue_unqueued
 from receiver.settings import Settings
-from tests.builders import (
-    API_TOKEN,
-    SIGNING_SECRET,
+from tests.support.builders import (
     T0,
     auth,
+    enrichment_settings,
     envelope,
     iso,
     post_delivery,
     run_object,
 )
-from tests.fake_runflow import FakeRunflow, serve_fake
-from tests.serve_process import receiver_env, stop
-
-
-def enrichment_settings(database_url: str, api_url: str, **overrides) -> Settings:
-    values = {
-        "database_url": database_url,
-        "signing_secrets": [SIGNING_SECRET],
-        "api_tokens": [API_TOKEN],
-        "runflow_api_url": api_url,
-        "runflow_api_key": "rf_test_key",
-        "enrichment_concurrency": 4,
-        "enrichment_rps": 1000,
-        "enrichment_backoff_seconds": 0.05,
-        "enrichment_backoff_max_seconds": 0.3,
-        "enrichment_poll_seconds": 0.05,
-        "enrichment_lease_seconds": 3,
-        **overrides,
-    }
-    return Settings(**values)
+from tests.support.fake_runflow import FakeRunflow, serve_fake
+from tests.support.processes import receiver_env, stop
 
 
 @pytest.fixture

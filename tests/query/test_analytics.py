@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from tests.builders import T0, auth, iso, post_delivery, run_object, varied_runs
+from tests.support.builders import T0, auth, iso, post_delivery, run_object, varied_runs
 
 TERMINAL = ("succeeded", "failed", "cancelled", "partial_succeeded")
 

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from receiver.app import create_app
 from receiver.settings import Settings
-from tests.builders import (
+from tests.support.builders import (
     SIGNING_SECRET,
     batch_envelope,
     body_of,

@@ -22,16 +22,16 @@ from receiver.app import create_app
 from receiver.db import plain_url
 from receiver.settings import Settings
 from receiver.simulate import generate_traffic, send
-from tests.builders import (
+from tests.support.builders import (
     API_TOKEN,
     SIGNING_SECRET,
     envelope,
     post_delivery,
+    rule,
     run_object,
 )
-from tests.conftest import truncate_all
-from tests.serve_process import receiver_env, serving
-from tests.test_alerts import rule
+from tests.support.database import truncate_all
+from tests.support.processes import receiver_env, serving
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -223,7 +223,7 @@ def test_counters_are_exact_across_two_workers(database_url, tmp_path):
         assert value(found, "runflow_receiver_database_up") == 1
 
 
-PROMETHEUS_RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus-alerts.yaml"
+PROMETHEUS_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus-alerts.yaml"
 
 
 async def test_the_prometheus_rules_in_deploy_use_only_metrics_the_receiver_exposes(client):

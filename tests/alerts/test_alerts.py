@@ -21,27 +21,15 @@ from sqlmodel import SQLModel
 import receiver.tables  # noqa: F401  (registers the table models)
 from receiver.alerts.evaluate import GroupState, evaluate_once, step
 from receiver.alerts.notify import send_one
-from receiver.alerts.rules import Rule, validate_rule
 from receiver.alerts.store import upsert_rule
 from receiver.app import create_app
 from receiver.db import plain_url
 from receiver.errors import InvalidRule
 from receiver.settings import Settings
-from tests.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery, run_object
-from tests.hook_server import HookServer, serve_hook
+from tests.support.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery, rule, run_object
+from tests.support.hook_server import HookServer, serve_hook
 
 T = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-
-
-def rule(**fields) -> Rule:
-    base = {
-        "name": "r",
-        "metric": "failure_count",
-        "threshold": 3,
-        "window": "5m",
-        "targets": [{"url": "http://127.0.0.1:9/hook"}],
-    }
-    return validate_rule({**base, **fields})
 
 
 def test_rule_durations_and_validation():
@@ -252,7 +240,7 @@ def test_the_example_rules_file_in_deploy_is_valid():
 
     from receiver.alerts.rules import load_rules_file
 
-    example = Path(__file__).resolve().parent.parent / "deploy" / "alert-rules.example.yaml"
+    example = Path(__file__).resolve().parents[2] / "deploy" / "alert-rules.example.yaml"
     names = [r.name for r in load_rules_file(example)]
     assert names == [
         "model-failure-burst",

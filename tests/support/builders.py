@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 import orjson
 
+from receiver.alerts.rules import Rule, validate_rule
 from receiver.ingest.signature import sign
+from receiver.settings import Settings
 
 SIGNING_SECRET = "whsec_test_secret_0123456789"
 API_TOKEN = "test-token-abcdef"
@@ -180,3 +182,32 @@ def varied_runs(count: int, *, seed: int = 7, start: datetime = T0) -> list[dict
             )
         )
     return runs
+
+
+def rule(**fields) -> Rule:
+    base = {
+        "name": "r",
+        "metric": "failure_count",
+        "threshold": 3,
+        "window": "5m",
+        "targets": [{"url": "http://127.0.0.1:9/hook"}],
+    }
+    return validate_rule({**base, **fields})
+
+
+def enrichment_settings(database_url: str, api_url: str, **overrides) -> Settings:
+    values = {
+        "database_url": database_url,
+        "signing_secrets": [SIGNING_SECRET],
+        "api_tokens": [API_TOKEN],
+        "runflow_api_url": api_url,
+        "runflow_api_key": "rf_test_key",
+        "enrichment_concurrency": 4,
+        "enrichment_rps": 1000,
+        "enrichment_backoff_seconds": 0.05,
+        "enrichment_backoff_max_seconds": 0.3,
+        "enrichment_poll_seconds": 0.05,
+        "enrichment_lease_seconds": 3,
+        **overrides,
+    }
+    return Settings(**values)

@@ -25,7 +25,7 @@ def free_port() -> int:
 def receiver_env(**values: str) -> dict[str, str]:
     """The environment for a receiver subprocess: ours minus RECEIVER_*, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     env.update(values)
     return env
 
@@ -114,3 +114,14 @@ def serve_in_thread(app: Any) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def embedded_url(data_dir: Path) -> str:
+    """The embedded server's URL, read from its postmaster.pid (socket directory)."""
+    lines = (data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()
+    port, socket_dir = lines[3].strip(), lines[4].strip()
+    return f"postgresql://postgres@/postgres?host={socket_dir}&port={port}"
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()[0])

@@ -14,9 +14,9 @@ from receiver.app import create_app
 from receiver.openapi import build_document
 from receiver.routes import all_operations
 from receiver.settings import Settings
-from tests.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery, varied_runs
-from tests.conftest import truncate_all
-from tests.serve_process import receiver_env, serving
+from tests.support.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery, varied_runs
+from tests.support.database import truncate_all
+from tests.support.processes import receiver_env, serving
 
 DOCUMENT = build_document(all_operations())
 

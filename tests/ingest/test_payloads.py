@@ -5,7 +5,7 @@ import pytest
 
 from receiver.errors import InvalidPayload
 from receiver.ingest.payloads import failure_from_output, parse_payload
-from tests.builders import batch_envelope, envelope, run_object
+from tests.support.builders import batch_envelope, envelope, run_object
 
 
 @pytest.mark.parametrize("spelling", ["canceled", "cancelled", "CANCELED"])

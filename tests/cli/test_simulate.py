@@ -19,7 +19,7 @@ from receiver.ingest.payloads import parse_payload
 from receiver.ingest.signature import verify_signature
 from receiver.simulate import generate_traffic
 from receiver.vocabulary import PRECEDENCE, precedence
-from tests.serve_process import serve_in_thread
+from tests.support.processes import serve_in_thread
 
 TRAFFIC = generate_traffic(count=2000, seed=5)
 DOCS = [orjson.loads(d.body) for d in TRAFFIC]
