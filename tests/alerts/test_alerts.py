@@ -22,10 +22,10 @@ import receiver.tables  # noqa: F401  (registers the table models)
 from receiver.alerts.evaluate import GroupState, evaluate_once, step
 from receiver.alerts.notify import send_one
 from receiver.alerts.store import upsert_rule
-from receiver.app import create_app
 from receiver.db import plain_url
 from receiver.errors import InvalidRule
 from receiver.settings import Settings
+from tests.support.apps import running_app
 from tests.support.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery, rule, run_object
 from tests.support.hook_server import HookServer, serve_hook
 
@@ -83,11 +83,8 @@ async def quiet_app(db, database_url):
         alert_backoff_seconds=0.01,
         alert_backoff_max_seconds=0.05,
     )
-    app = create_app(settings, run_worker=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            yield client, settings, app.state.resources.engine
+    async with running_app(settings, run_worker=False) as (app, client):
+        yield client, settings, app.state.resources.engine
 
 
 async def rows(url: str, sql: str):
@@ -179,23 +176,20 @@ async def test_ingest_answers_while_the_hook_target_hangs(db, database_url):
             alert_interval_seconds=0.1,
             alert_poll_seconds=0.05,
         )
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
+        async with running_app(settings) as (app, client):
             engine = app.state.resources.engine
             await upsert_rule(engine, rule(threshold=0, targets=[{"url": url}]))
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-                await post_delivery(client, run_object("trigger", status_code="failed"))
-                deadline = time.monotonic() + 10
-                while hook.waiting == 0:  # the sender is now stuck inside the hook's POST
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.02)
-                answers = [
-                    (await post_delivery(client, run_object(f"during_{i}"))).status_code
-                    for i in range(20)
-                ]
-                assert hook.waiting == 1 and not hook.received
-                assert answers == [200] * 20
+            await post_delivery(client, run_object("trigger", status_code="failed"))
+            deadline = time.monotonic() + 10
+            while hook.waiting == 0:  # the sender is now stuck inside the hook's POST
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            answers = [
+                (await post_delivery(client, run_object(f"during_{i}"))).status_code
+                for i in range(20)
+            ]
+            assert hook.waiting == 1 and not hook.received
+            assert answers == [200] * 20
             hook.hold.set()
 
 

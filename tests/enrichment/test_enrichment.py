@@ -11,13 +11,12 @@ import time
 from datetime import timedelta
 
 import asyncpg
-import httpx
 import pytest
 
-from receiver.app import create_app
 from receiver.db import plain_url
 from receiver.enrichment import Enricher, enqueue_unqueued
 from receiver.settings import Settings
+from tests.support.apps import running_app
 from tests.support.builders import (
     T0,
     auth,
@@ -46,11 +45,8 @@ def fake_url(fake):
 async def enriching_client(db, database_url, fake_url):
     """An app that queues envelope-only runs but runs no worker (tests drive it)."""
     settings = enrichment_settings(database_url, fake_url)
-    app = create_app(settings, run_worker=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            yield client, settings, app.state.resources.engine
+    async with running_app(settings, run_worker=False) as (app, client):
+        yield client, settings, app.state.resources.engine
 
 
 async def drain(settings: Settings, engine, seconds: float = 30) -> None:
@@ -218,12 +214,9 @@ async def test_refused_key_ends_the_item_and_pauses_the_worker(
 async def test_http_only_serve_still_queues_for_separate_workers(db, database_url, fake, fake_url):
     settings = enrichment_settings(database_url, fake_url, enrichment_concurrency=0)
     fake.runs["split_1"] = full_run("split_1")
-    app = create_app(settings)  # serve with no worker tasks of its own
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            await post_delivery(client, envelope("split_1", status="failed", output=None))
-            status = (await client.get("/enrichment/status", headers=auth())).json()
+    async with running_app(settings) as (_app, client):  # serve with no worker tasks of its own
+        await post_delivery(client, envelope("split_1", status="failed", output=None))
+        status = (await client.get("/enrichment/status", headers=auth())).json()
     assert status["enabled"] is True and status["pending"] == 1
     assert fake.requests["split_1"] == 0
 

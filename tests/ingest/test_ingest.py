@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from receiver.app import create_app
 from receiver.settings import Settings
+from tests.support.apps import running_app
 from tests.support.builders import (
     SIGNING_SECRET,
     batch_envelope,
@@ -244,11 +245,11 @@ async def test_unresolved_client_ref_is_422_kept_and_replayable(client, db, stor
 
 async def test_storage_unavailable_is_503_with_retry_after(db):
     dead = "postgresql://postgres@127.0.0.1:1/nowhere"
-    app = create_app(Settings(signing_secrets=[SIGNING_SECRET]), database_url=dead)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            response = await post_delivery(c, envelope("run_m"))
+    async with running_app(Settings(signing_secrets=[SIGNING_SECRET]), database_url=dead) as (
+        _app,
+        c,
+    ):
+        response = await post_delivery(c, envelope("run_m"))
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "unavailable"
     assert int(response.headers["retry-after"]) > 0

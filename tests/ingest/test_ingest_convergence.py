@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import httpx
 import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from receiver.app import create_app
 from receiver.settings import Settings
+from tests.support.apps import running_app
 from tests.support.builders import SIGNING_SECRET, T0, envelope, post_delivery, run_object
 from tests.support.database import truncate_all
 
@@ -49,11 +48,10 @@ def run_deliveries(draw):
 
 async def _final_row(database_url: str, bodies: list[bytes]) -> tuple[dict, list[str]]:
     await truncate_all(database_url)
-    app = create_app(Settings(signing_secrets=[SIGNING_SECRET]), database_url=database_url)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            outcomes = [(await post_delivery(client, body)).json()["status"] for body in bodies]
+    async with running_app(
+        Settings(signing_secrets=[SIGNING_SECRET]), database_url=database_url
+    ) as (app, client):
+        outcomes = [(await post_delivery(client, body)).json()["status"] for body in bodies]
         async with app.state.resources.engine.connect() as conn:
             row = (await conn.execute(text("SELECT * FROM runs WHERE id = 'conv'"))).one()
     return {k: v for k, v in row._mapping.items() if k not in IGNORED}, outcomes

@@ -22,6 +22,7 @@ from receiver.app import create_app
 from receiver.db import plain_url
 from receiver.settings import Settings
 from receiver.simulate import generate_traffic, send
+from tests.support.apps import running_app
 from tests.support.builders import (
     API_TOKEN,
     SIGNING_SECRET,
@@ -117,13 +118,10 @@ async def test_scrape_without_the_database_still_reports_the_counters(settings):
     unreachable = settings.model_copy(
         update={"database_url": "postgresql://postgres@127.0.0.1:9/nothing"}
     )
-    app = create_app(unreachable, run_worker=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            before = await scrape(client)
-            assert (await post_delivery(client, envelope("lost"))).status_code == 503
-            after = await scrape(client)
+    async with running_app(unreachable, run_worker=False) as (_app, client):
+        before = await scrape(client)
+        assert (await post_delivery(client, envelope("lost"))).status_code == 503
+        after = await scrape(client)
     name = "runflow_receiver_deliveries_total"
     labels = {"outcome": "unavailable", "cause": "unavailable"}
     assert value(after, name, **labels) - value(before, name, **labels) == 1
