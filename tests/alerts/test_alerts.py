@@ -9,6 +9,7 @@ import math
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import httpx
@@ -35,6 +36,7 @@ T = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 def test_rule_durations_and_validation():
     parsed = rule(window="2h", **{"for": "90s"}, cooldown=600)
     assert (parsed.window, parsed.for_, parsed.cooldown) == (7200, 90, 600)
+    bad: dict[str, Any]
     for bad in (
         {"metric": "latency"},
         {"filters": {"client_ref": ["x"]}},
@@ -190,6 +192,7 @@ async def test_ingest_answers_while_the_hook_target_hangs(db, database_url):
             ]
             assert hook.waiting == 1 and not hook.received
             assert answers == [200] * 20
+            assert hook.hold is not None
             hook.hold.set()
 
 

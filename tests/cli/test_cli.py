@@ -35,8 +35,8 @@ async def test_replay_all_rejected_after_the_missing_run_arrives(
     )
     assert out.returncode == 1 and "0 accepted, 1 not" in out.stdout
     await post_delivery(client, run_object("late", client_ref="late-ref", status_code="running"))
-    out = await asyncio.to_thread(run_cli, "replay", "--all-rejected", env=env, cwd=tmp_path)
-    assert "stored late" in out and "1 accepted, 0 not" in out
+    printed = await asyncio.to_thread(run_cli, "replay", "--all-rejected", env=env, cwd=tmp_path)
+    assert "stored late" in printed and "1 accepted, 0 not" in printed
     run = (
         await client.get("/runs/late", headers={"authorization": "Bearer test-token-abcdef"})
     ).json()

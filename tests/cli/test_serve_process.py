@@ -45,9 +45,8 @@ def expected_rows(stored: list[asyncpg.Record]) -> dict[str, dict[str, object]]:
     for row in stored:
         parsed = parse_payload(orjson.loads(row["body"]))
         for patch in parsed.runs:
-            patches[patch.run_id].append(
-                StoredPatch(patch.fields, row["received_at"], row["id"])  # type: ignore[index]
-            )
+            assert patch.run_id is not None
+            patches[patch.run_id].append(StoredPatch(patch.fields, row["received_at"], row["id"]))
     return {run_id: fold_run(found).fields for run_id, found in patches.items()}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import httpx
 import orjson
@@ -47,7 +48,7 @@ async def client_with(db):
     clients = []
 
     async def make(**overrides):
-        base = {"database_url": None, "signing_secrets": [SIGNING_SECRET]}
+        base: dict[str, Any] = {"database_url": None, "signing_secrets": [SIGNING_SECRET]}
         base.update(overrides)
         app = create_app(Settings(**base), database_url=db.url.render_as_string(False))
         ctx = app.router.lifespan_context(app)
@@ -203,7 +204,7 @@ async def test_bad_json_is_400_and_kept_with_cause(client, db, raw):
 
 
 async def test_schema_violation_is_422_and_kept_with_cause(client, db):
-    response = await post_delivery(client, envelope("run_j", duration_ms="slow"))
+    response = await post_delivery(client, envelope("run_j", duration_ms="slow"))  # type: ignore[arg-type]
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "invalid_payload"
