@@ -95,8 +95,13 @@ def disagreements(migrated: dict[str, Any], declared: dict[str, Any]) -> list[st
     lines = []
     for key in sorted(migrated.keys() | declared.keys()):
         revisions, models = migrated.get(key, "(absent)"), declared.get(key, "(absent)")
-        if revisions != models:
-            lines.append(f"{key}:\n    revisions: {revisions}\n    models:    {models}")
+        if revisions == models:
+            continue
+        if isinstance(revisions, dict) and isinstance(models, dict):  # a column: what differs
+            fields = [f for f in revisions if revisions[f] != models[f]]
+            revisions = {f: revisions[f] for f in fields}
+            models = {f: models[f] for f in fields}
+        lines.append(f"{key}:\n    revisions: {revisions}\n    models:    {models}")
     return lines
 
 
