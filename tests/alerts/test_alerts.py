@@ -15,11 +15,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
-from sqlmodel import SQLModel
 
-import receiver.tables  # noqa: F401  (registers the table models)
 from receiver.alerts.evaluate import GroupState, evaluate_once, step
 from receiver.alerts.notify import send_one
 from receiver.alerts.store import upsert_rule
@@ -363,15 +359,6 @@ async def test_duration_p95_fires_for_the_slow_model_with_enough_runs(quiet_app,
     assert events == [
         {"group_key": '{"model":"flux-dev"}', "to_state": "firing", "value": nearest_rank}
     ]
-
-
-async def test_the_alert_table_models_match_migration_0004(db):
-    def differences(connection):
-        return compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
-
-    async with db.connect() as conn:
-        found = await conn.run_sync(differences)
-    assert [d for d in found if "alert_" in repr(d)] == []
 
 
 async def test_a_quiet_group_is_forgotten_once_its_cooldown_has_passed(quiet_app, database_url):
