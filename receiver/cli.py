@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from receiver.errors import ReceiverError
 from receiver.settings import ConfigError, Settings, load_settings
-from receiver.startup import ensure_credentials, open_engine, prepare_database
+from receiver.startup import open_engine, prepare_database
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -23,60 +21,11 @@ def _fail(message: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from receiver.server import serve
 
-    settings = ensure_credentials(settings)
-    if settings.alert_rules_file is not None:
-        from receiver.alerts.rules import load_rules_file
-
-        try:
-            load_rules_file(settings.alert_rules_file)
-        except (OSError, ReceiverError) as exc:
-            detail = getattr(exc, "details", None) or ""
-            raise ConfigError(f"RECEIVER_ALERT_RULES_FILE: {exc} {detail}".strip()) from None
-    url = prepare_database(settings, migrate=args.migrate)
-    # Worker processes build their settings from the environment: hand them what was resolved.
-    os.environ["RECEIVER_DATABASE_URL"] = url
-    os.environ["RECEIVER_SIGNING_SECRETS"] = ",".join(settings.signing_secrets)
-    os.environ["RECEIVER_API_TOKENS"] = ",".join(settings.api_tokens)
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Counters from every worker are summed at scrape time; start from nothing.
-        metrics_dir = settings.data_dir.resolve() / "metrics"
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-        metrics_dir.mkdir(parents=True)
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    host = args.host or settings.host
-    port = args.port if args.port is not None else settings.port
-    print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)
-    # uvicorn re-raises SIGTERM after its graceful shutdown; with Python's default handler the
-    # process would die without running atexit, leaving the embedded PostgreSQL running.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    uvicorn.run(
-        "receiver.cli:worker_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=args.workers,
-        log_level=settings.log_level,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
+    return serve(
+        settings, host=args.host, port=args.port, workers=args.workers, migrate=args.migrate
     )
-    return 0
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
-def worker_app() -> object:
-    """The app in a uvicorn worker process, configured from the environment ``serve`` set."""
-    from receiver.app import create_app
-    from receiver.logs import configure_logging
-
-    settings = load_settings()
-    configure_logging(settings)
-    return create_app(settings, database_url=settings.database_url)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

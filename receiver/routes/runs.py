@@ -22,8 +22,9 @@ from receiver.schemas import (
     RunDetail,
     RunPage,
 )
+from receiver.vocabulary import DeliveryOutcome
 
-OUTCOMES = ("stored", "duplicate", "rejected")
+OUTCOMES = tuple(DeliveryOutcome)
 MAX_ID = 2**63 - 1
 RUN_ID = Param("run_id", {"type": "string"}, "the Runflow run id", location="path")
 DELIVERY_ID = Param(
