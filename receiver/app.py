@@ -45,7 +45,15 @@ def resources(request: Request) -> Resources:
 
 def _routes() -> list[BaseRoute]:
     from receiver import openapi
-    from receiver.routes import alerts, analytics, enrichment, health, runs, webhooks
+    from receiver.routes import (
+        alerts,
+        analytics,
+        enrichment,
+        health,
+        reconciliation,
+        runs,
+        webhooks,
+    )
 
     return [
         *alerts.routes,
@@ -54,6 +62,7 @@ def _routes() -> list[BaseRoute]:
         *runs.routes,
         *analytics.routes,
         *enrichment.routes,
+        *reconciliation.routes,
         *openapi.routes,
     ]
 
@@ -105,7 +114,7 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
 async def _start_background(
     settings: Settings, engine: AsyncEngine, stop: asyncio.Event
 ) -> list[asyncio.Task[None]]:
-    """The enrichment worker (when enabled), the alert evaluator and the alert sender."""
+    """The enrichment worker and the reconciler (when enabled), the alert evaluator and sender."""
     from receiver.alerts.evaluate import run_evaluator
     from receiver.alerts.notify import run_sender
     from receiver.alerts.rules import load_rules_file, upsert_rule
@@ -121,6 +130,10 @@ async def _start_background(
         from receiver.enrichment import Enricher
 
         tasks.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
+    if settings.reconcile_enabled:
+        from receiver.reconciliation import run_reconciler
+
+        tasks.append(asyncio.create_task(run_reconciler(settings, engine, stop)))
     return tasks
 
 

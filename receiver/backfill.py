@@ -25,7 +25,7 @@ from receiver.db import driver_connection
 from receiver.errors import InvalidPayload, ReceiverError
 from receiver.ingest import archive_rejection, store_parsed
 from receiver.payloads import parse_payload
-from receiver.runflow_api import RunflowApiError, RunflowClient
+from receiver.runflow_api import RunflowApiError, RunflowClient, created_between
 from receiver.settings import Settings
 from receiver.store import ArchiveEntry
 from receiver.vocabulary import DeliverySource, SignatureVerdict
@@ -35,16 +35,10 @@ class BackfillError(Exception):
     """The API kept failing; progress so far is kept and a rerun resumes."""
 
 
-def created_window(since: datetime, until: datetime | None) -> str:
-    """The ``q`` expression for runs created in ``[since, until)`` (Runflow's filter syntax)."""
-    q = f"created_at>={since.isoformat()}"
-    return q if until is None else f"{q} AND created_at<{until.isoformat()}"
-
-
 def progress_key(since: datetime, until: datetime | None) -> str:
     # Keyed by what is sent: progress kept by the old, undocumented parameters (which stopped
     # after one page and called it finished) is not mistaken for a finished backfill.
-    return "q=" + created_window(since, until)
+    return "q=" + created_between(since, until)
 
 
 async def _load_progress(engine: AsyncEngine, key: str) -> tuple[str | None, int, bool]:
@@ -105,7 +99,7 @@ async def backfill(
         print(f"backfill {key} already finished ({imported} runs)", file=out)
         return counts
     api = client or RunflowClient(settings)
-    q = created_window(since, until)
+    q = created_between(since, until)
     try:
         while True:
             try:

@@ -26,7 +26,15 @@ _DESCRIPTIONS = {
 
 
 def all_operations() -> list[Operation]:
-    from receiver.routes import alerts, analytics, enrichment, health, runs, webhooks
+    from receiver.routes import (
+        alerts,
+        analytics,
+        enrichment,
+        health,
+        reconciliation,
+        runs,
+        webhooks,
+    )
 
     return [
         *alerts.operations,
@@ -35,6 +43,7 @@ def all_operations() -> list[Operation]:
         *runs.operations,
         *analytics.operations,
         *enrichment.operations,
+        *reconciliation.operations,
     ]
 
 

@@ -30,6 +30,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -118,6 +119,12 @@ def run_path(run_id: str) -> str:
         # Percent-encoding leaves dots alone and URL normalisation removes dot segments.
         raise InvalidRunId(f"invalid_run_id: {run_id!r} is a relative path segment")
     return "/v1/runs/" + quote(run_id, safe="")
+
+
+def created_between(since: datetime, until: datetime | None = None) -> str:
+    """The ``q`` expression for runs created in ``[since, until)`` (Runflow's filter syntax)."""
+    q = f"created_at>={since.isoformat()}"
+    return q if until is None else f"{q} AND created_at<{until.isoformat()}"
 
 
 @dataclass
