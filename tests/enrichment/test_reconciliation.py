@@ -330,3 +330,76 @@ async def test_the_reconciliation_table_models_match_migration_0007(db):
         found = await conn.run_sync(differences)
     assert [d for d in found if "reconciliation_" in repr(d)] == []
     assert {"reconciliation_state", "reconciliation_checks"} <= set(SQLModel.metadata.tables)
+
+
+async def test_a_stale_run_whose_id_cannot_form_a_url_is_recorded_not_requested(
+    api, fake, database_url, db
+):
+    client, settings, runflow = api
+    await post_delivery(
+        client, recent_run("bad\x01id", 60 * 48, status_code="running", completed_at=None)
+    )
+    later = datetime.now(UTC) + timedelta(seconds=settings.reconcile_stale_seconds + 60)
+    result = await reconcile_once(settings, db, runflow, later)
+    assert result.error is None and result.refetched == 0
+    [check] = await rows(database_url, "SELECT outcome FROM reconciliation_checks")
+    assert str(check["outcome"]).startswith("invalid_run_id")
+    assert not any(path.startswith("/v1/runs/") for path in fake.paths)
+
+
+async def test_a_stop_ends_the_pass_after_the_page_in_hand_keeping_its_progress(
+    api, fake, database_url, db
+):
+    _, settings, runflow = api
+    for i in range(9):
+        fake.runs[f"s_{i}"] = recent_run(f"s_{i}", 30 - i)
+    stop = asyncio.Event()
+    fake.list_delay_seconds = 0.3
+    asyncio.get_running_loop().call_later(0.1, stop.set)  # while the first page is in flight
+    result = await reconcile_once(settings, db, runflow, datetime.now(UTC), stop=stop)
+    assert result.ran and result.error is None and not result.listing_complete
+    assert result.pages == 1 and result.imported == 3
+    [state] = await rows(
+        database_url,
+        "SELECT watermark, lease_owner, last_success_at, last_error FROM reconciliation_state",
+    )
+    third = datetime.fromisoformat(str(fake.runs["s_2"]["created_at"]))
+    assert state == {
+        "watermark": third,
+        "lease_owner": None,
+        "last_success_at": None,
+        "last_error": None,
+    }
+
+
+async def test_the_app_runs_the_reconciler_and_its_shutdown_is_bounded(
+    db, database_url, fake, fake_url
+):
+    fake.runs["bg_1"] = recent_run("bg_1", 5)
+    settings = reconcile_settings(
+        database_url,
+        fake_url,
+        reconcile_interval_seconds=1,
+        enrichment_max_attempts=8,
+        enrichment_backoff_max_seconds=3600,  # a Retry-After of an hour is honoured in full
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        deadline = time.monotonic() + 20
+        while not await rows(database_url, "SELECT id FROM runs WHERE id = 'bg_1'"):
+            assert time.monotonic() < deadline, "the background reconciler imported nothing"
+            await asyncio.sleep(0.05)
+        # Now make Runflow fail with long back-offs: shutdown must not wait them out.
+        served = fake.requests["/v1/runs"]
+        fake.retry_after, fake.fail_status, fake.fail_first = "3600", 503, 10**6
+        deadline = time.monotonic() + 20
+        while fake.requests["/v1/runs"] == served:  # the next pass asks, gets a 503 ...
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # ... and is now told to wait an hour
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < 5
+
+    off = reconcile_settings(database_url, fake_url, reconcile_interval_seconds=0)
+    assert not off.reconcile_enabled
+    assert not reconcile_settings(database_url, fake_url, runflow_api_key=None).reconcile_enabled
