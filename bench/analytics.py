@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from receiver.db import plain_url, start_embedded  # noqa: E402
 from receiver.migrations import upgrade  # noqa: E402
-from tests.serve_process import receiver_env, serving  # noqa: E402
+from tests.support.processes import receiver_env, serving  # noqa: E402
 
 TOKEN = "bench-token"
 CODES = [

@@ -30,8 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from receiver.simulate import generate_traffic, send  # noqa: E402
-from tests.serve_process import free_port, receiver_env, serving  # noqa: E402
-from tests.test_serve_process import embedded_url  # noqa: E402
+from tests.support.processes import (  # noqa: E402
+    embedded_url,
+    free_port,
+    receiver_env,
+    serving,
+)
 
 SECRET = "whsec_bench_secret"
 

@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.errors import InvalidQuery
-from receiver.payloads import TERMINAL_STATUSES
 from receiver.queries import run_filters
 from receiver.queryparams import DIMENSIONS, RunFilters
+from receiver.vocabulary import TERMINAL_STATUSES
 
 BUCKETS = {"minute": timedelta(minutes=1), "hour": timedelta(hours=1), "day": timedelta(days=1)}
 BUCKET_SQL = {"minute": "1 minute", "hour": "1 hour", "day": "1 day"}
@@ -230,3 +230,13 @@ async def costs(engine: AsyncEngine, filters: RunFilters, group_by: list[str]) -
         group["cost"] = str(cost)
         groups.append(group)
     return {"total": str(total), "groups": groups}
+
+
+async def failures_last_day(engine: AsyncEngine) -> list[Any]:
+    """Failed runs of the last 24 hours by code and stage (for /metrics)."""
+    return await _fetch(
+        engine,
+        "SELECT failure_code, failure_stage, count(*) AS n FROM runs WHERE status = 'failed'"
+        " AND sort_at >= now() - interval '24 hours' GROUP BY 1, 2",
+        [],
+    )

@@ -1,18 +1,26 @@
-"""Route descriptions that drive both parameter checking and the OpenAPI document.
+"""Endpoints declared once: each ``Operation`` is both the served route and its OpenAPI entry.
 
-Each route module lists its ``operations``; a handler accepts exactly the query parameters its
-operation documents (``check_params``), so the document cannot drift from what is served.
+Each route module lists its ``operations``; ``Operation.route()`` wraps the handler so an
+authenticated operation checks the bearer token and accepts exactly the query parameters it
+documents. The document and what is served therefore cannot drift apart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 from starlette.datastructures import QueryParams
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from receiver.auth import require_token
 from receiver.queryparams import FILTER_COLUMNS, check_known
+
+Handler = Callable[[Request], Awaitable[Response]]
 
 STRING_LIST = {"type": "array", "items": {"type": "string"}}
 
@@ -40,18 +48,49 @@ class Param:
 
 @dataclass(frozen=True)
 class Operation:
+    """One endpoint: its handler, and everything the OpenAPI document says about it."""
+
     path: str
     method: str
     summary: str
     responses: dict[int, type[BaseModel] | None]
+    endpoint: Handler
     params: tuple[Param, ...] = ()
     authenticated: bool = True
     request_body: dict[str, Any] | None = None
     request_model: type[BaseModel] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # Off for endpoints outside the API document (the document itself).
+    documented: bool = True
+    # Off where senders may add their own query string (the webhook's callback_url).
+    strict_query: bool | None = None
 
     def query_names(self) -> set[str]:
         return {p.name for p in self.params if p.location == "query"}
+
+    def route_path(self) -> str:
+        """The path with Starlette converters for integer path parameters."""
+        path = self.path
+        for param in self.params:
+            if param.location == "path" and param.schema.get("type") == "integer":
+                path = path.replace("{" + param.name + "}", "{" + param.name + ":int}")
+        return path
+
+    def route(self) -> Route:
+        handler = self.endpoint
+        strict = self.authenticated if self.strict_query is None else self.strict_query
+        authenticated = self.authenticated
+
+        async def endpoint(request: Request) -> Response:
+            if authenticated:
+                require_token(request)
+            if strict:
+                check_params(request.query_params, self)
+            return await handler(request)
+
+        endpoint.__name__ = handler.__name__
+        endpoint.__doc__ = handler.__doc__
+        return Route(self.route_path(), endpoint, methods=[self.method.upper()])
 
 
 def check_params(params: QueryParams, operation: Operation) -> None:

@@ -10,61 +10,27 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-import asyncpg
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
 
-from receiver.db import create_engine, resolve_database_url
+from receiver.alerts.evaluate import run_evaluator
+from receiver.alerts.notify import run_sender
+from receiver.alerts.rules import load_rules_file
+from receiver.alerts.store import upsert_rule
+from receiver.db import DATABASE_DOWN, create_engine, resolve_database_url
+from receiver.enrichment import Enricher
 from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailable
+from receiver.reconciliation import run_reconciler
+from receiver.resources import Resources
 from receiver.responses import error_response
+from receiver.routes import all_operations
 from receiver.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Resources:
-    """What the routes share for the life of the process."""
-
-    settings: Settings
-    engine: AsyncEngine
-
-
-def resources(request: Request) -> Resources:
-    res: Resources = request.app.state.resources
-    return res
-
-
-def _routes() -> list[BaseRoute]:
-    from receiver import openapi
-    from receiver.routes import (
-        alerts,
-        analytics,
-        enrichment,
-        health,
-        reconciliation,
-        runs,
-        webhooks,
-    )
-
-    return [
-        *alerts.routes,
-        *webhooks.routes,
-        *health.routes,
-        *runs.routes,
-        *analytics.routes,
-        *enrichment.routes,
-        *reconciliation.routes,
-        *openapi.routes,
-    ]
 
 
 async def _receiver_error(request: Request, exc: Exception) -> Response:
@@ -96,29 +62,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error_response(ReceiverError("internal error; the request was not processed"))
 
 
-# What "the database cannot be reached right now" looks like, through SQLAlchemy's pool or
-# straight from the asyncpg connection the ingest path uses. Answered 503 + Retry-After.
-DATABASE_DOWN: tuple[type[BaseException], ...] = (
-    OperationalError,
-    InterfaceError,
-    PoolTimeout,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    OSError,
-    TimeoutError,
-)
-
-
 async def _start_background(
     settings: Settings, engine: AsyncEngine, stop: asyncio.Event
 ) -> list[asyncio.Task[None]]:
     """The enrichment worker and the reconciler (when enabled), the alert evaluator and sender."""
-    from receiver.alerts.evaluate import run_evaluator
-    from receiver.alerts.notify import run_sender
-    from receiver.alerts.rules import load_rules_file, upsert_rule
-
     if settings.alert_rules_file is not None:
         for rule in load_rules_file(settings.alert_rules_file):
             await upsert_rule(engine, rule)
@@ -127,12 +74,8 @@ async def _start_background(
         asyncio.create_task(run_sender(settings, engine, stop)),
     ]
     if settings.enrichment_enabled:
-        from receiver.enrichment import Enricher
-
         tasks.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
     if settings.reconcile_enabled:
-        from receiver.reconciliation import run_reconciler
-
         tasks.append(asyncio.create_task(run_reconciler(settings, engine, stop)))
     return tasks
 
@@ -142,8 +85,8 @@ def create_app(
 ) -> Starlette:
     """The receiver app. ``database_url`` overrides settings (``serve`` passes the embedded one).
 
-    With ``run_worker`` (the default) the background work runs inside the app: enrichment
-    (when enabled), alert evaluation and alert notifications.
+    With ``run_worker`` (the default) the background work runs inside the app: enrichment and
+    reconciliation (when enabled), alert evaluation and alert notifications.
     """
 
     @contextlib.asynccontextmanager
@@ -163,8 +106,9 @@ def create_app(
                 await asyncio.wait(background, timeout=15)
             await engine.dispose()
 
-    return Starlette(
-        routes=_routes(),
+    operations = all_operations()
+    app = Starlette(
+        routes=[operation.route() for operation in operations],
         lifespan=lifespan,
         exception_handlers={
             ReceiverError: _receiver_error,
@@ -173,3 +117,5 @@ def create_app(
             Exception: _internal_error,
         },
     )
+    app.state.operations = operations
+    return app

@@ -23,11 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.errors import InvalidPayload, ReceiverError
-from receiver.ingest import archive_rejection, store_parsed
-from receiver.payloads import parse_payload
+from receiver.ingest import ArchiveEntry, archive_rejection, store_parsed
+from receiver.ingest.payloads import parse_payload
 from receiver.runflow_api import RunflowApiError, RunflowClient, created_between
 from receiver.settings import Settings
-from receiver.store import ArchiveEntry
 from receiver.vocabulary import DeliverySource, SignatureVerdict
 
 

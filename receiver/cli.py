@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import shutil
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from receiver.errors import ReceiverError
 from receiver.settings import ConfigError, Settings, load_settings
-
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
+from receiver.startup import ensure_credentials, open_engine, prepare_database
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -25,66 +20,6 @@ Command = Callable[[argparse.Namespace, Settings], int]
 def _fail(message: str) -> int:
     print(f"runflow-receiver: {message}", file=sys.stderr)
     return 2
-
-
-def _keep_secret(data_dir: Path, name: str, make: Callable[[], str]) -> tuple[str, Path, bool]:
-    """A generated credential kept in the data directory (mode 0600); created on first use."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / name
-    if path.exists():
-        return path.read_text().strip(), path, False
-    value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(value + "\n")
-    return value, path, True
-
-
-def ensure_credentials(settings: Settings) -> Settings:
-    """Fill in a signing secret and an API token from the data directory when none is set."""
-    updates: dict[str, object] = {}
-    if not settings.signing_secrets and not settings.allow_unsigned:
-        value, path, made = _keep_secret(
-            settings.data_dir, "signing_secret", lambda: "whsec_" + secrets.token_hex(24)
-        )
-        updates["signing_secrets"] = [value]
-        verb = "generated" if made else "using"
-        print(f"{verb} signing secret in {path} (give it to Runflow as the callback secret)")
-    if not settings.api_tokens:
-        value, path, made = _keep_secret(
-            settings.data_dir, "api_token", lambda: secrets.token_urlsafe(32)
-        )
-        updates["api_tokens"] = [value]
-        verb = "generated" if made else "using"
-        print(f"{verb} API token in {path} (send it as Authorization: Bearer <token>)")
-    return settings.model_copy(update=updates) if updates else settings
-
-
-def prepare_database(settings: Settings, *, migrate: bool) -> str:
-    """The database URL to serve from: embedded ones are migrated, external ones checked."""
-
-    from receiver.db import create_engine, resolve_database_url
-    from receiver.migrations import current_revision, head_revision, upgrade
-
-    url, embedded = resolve_database_url(settings)
-    if embedded or migrate:
-        upgrade(url)
-        return url
-
-    async def revision() -> str | None:
-        engine: AsyncEngine = create_engine(url, pool_size=1)
-        try:
-            return await current_revision(engine)
-        finally:
-            await engine.dispose()
-
-    current, head = asyncio.run(revision()), head_revision()
-    if current != head:
-        raise ConfigError(
-            f"database schema is at {current or 'nothing'}, this code needs {head}: "
-            "run `runflow-receiver migrate` (or serve --migrate)"
-        )
-    return url
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -152,14 +87,6 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def open_engine(settings: Settings) -> AsyncEngine:
-    """An engine on the configured database, whose schema must be at head."""
-    from receiver.db import create_engine
-
-    url = prepare_database(settings, migrate=False)
-    return create_engine(url, pool_size=max(2, settings.enrichment_concurrency + 1))
-
-
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from receiver.enrichment import Enricher
 
@@ -222,23 +149,16 @@ def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     """Process kept deliveries again: the ids given, or every rejected one."""
-    from receiver.ingest import replay
+    from receiver.ingest import replay, replayable_rejections
 
     if not args.ids and not args.all_rejected:
         raise ConfigError("name delivery ids, or pass --all-rejected")
     engine = open_engine(settings)
 
     async def run() -> int:
-        from receiver.db import driver_connection
-
         ids = list(args.ids)
         if args.all_rejected:
-            async with driver_connection(engine) as conn:
-                rows = await conn.fetch(
-                    "SELECT id FROM deliveries WHERE outcome = 'rejected' AND body IS NOT NULL"
-                    " ORDER BY received_at, id"
-                )
-            ids += [row["id"] for row in rows]
+            ids += await replayable_rejections(engine)
         still_rejected = 0
         try:
             for delivery_id in ids:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from receiver.settings import Settings
@@ -28,6 +30,21 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
     ConnectionError,
+)
+
+
+# What "the database cannot be reached right now" looks like, through SQLAlchemy's pool or
+# straight from the asyncpg connection the ingest path uses. Answered 503 + Retry-After.
+DATABASE_DOWN: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeout,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    OSError,
+    TimeoutError,
 )
 
 

@@ -33,8 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.errors import ReceiverError
-from receiver.ingest import store_parsed
-from receiver.payloads import parse_payload
+from receiver.ingest import ArchiveEntry, store_parsed
+from receiver.ingest.payloads import parse_payload
+from receiver.ingest.store import RUN_OBJECT_FIELDS, StoreResult
 from receiver.runflow_api import (
     ApiKeyRefused,
     Fetched,
@@ -45,7 +46,6 @@ from receiver.runflow_api import (
     TransientApiError,
 )
 from receiver.settings import Settings
-from receiver.store import RUN_OBJECT_FIELDS, ArchiveEntry, StoreResult
 from receiver.vocabulary import DeliverySource, SignatureVerdict
 
 log = logging.getLogger(__name__)

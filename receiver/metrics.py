@@ -39,8 +39,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.app import DATABASE_DOWN
-from receiver.db import driver_connection
+from receiver import analytics
+from receiver.alerts.store import enabled_rule_states
+from receiver.db import DATABASE_DOWN
 from receiver.enrichment import queue_status
 from receiver.reconciliation import metric_families as reconcile_families
 from receiver.settings import Settings
@@ -86,17 +87,8 @@ async def database_families(settings: Settings, engine: AsyncEngine) -> list[Met
         " and stage",
         labels=["failure_code", "failure_stage"],
     )
-    async with driver_connection(engine) as conn:
-        rows = await conn.fetch(
-            "SELECT failure_code, failure_stage, count(*) AS n FROM runs WHERE status = 'failed'"
-            " AND sort_at >= now() - interval '24 hours' GROUP BY 1, 2"
-        )
-        # A disabled rule's states stay as they were; shown, a firing one would page forever.
-        states = await conn.fetch(
-            "SELECT r.name, s.group_key, s.state, s.value FROM alert_states s"
-            " JOIN alert_rules r ON r.id = s.rule_id"
-            " WHERE (r.definition ->> 'enabled')::boolean IS NOT FALSE"
-        )
+    rows = await analytics.failures_last_day(engine)
+    states = await enabled_rule_states(engine)
     per_code: dict[str, int] = {}
     for row in rows:
         code = row["failure_code"] or "unknown"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from alembic.config import Config
@@ -13,13 +15,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alembic import command
 
-# The revisions live beside the package in the source tree (alembic/ at the project root).
-ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+# alembic/ at the repository root, shipped inside the package (see pyproject.toml).
+MIGRATIONS_PACKAGE = "receiver._migrations"
+
+
+def migrations_dir() -> Path:
+    """The shipped Alembic environment and revisions, wherever the package is installed."""
+    shipped: Traversable = files(MIGRATIONS_PACKAGE)
+    # A folder without __init__.py comes back as a MultiplexedPath; its files are real paths.
+    return Path(str(shipped.joinpath("env.py"))).parent
 
 
 def alembic_config(database_url: str) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(ALEMBIC_DIR))
+    config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["database_url"] = database_url
     return config
 

@@ -1,16 +1,12 @@
-"""The OpenAPI 3.1 document, built from the route modules' ``operations`` and pydantic models."""
+"""The OpenAPI 3.1 document, built from the declared ``Operation``s and pydantic models."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pydantic import BaseModel
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
 from receiver.apidoc import Operation
-from receiver.responses import ORJSONResponse
 
 _DESCRIPTIONS = {
     200: "OK",
@@ -25,28 +21,6 @@ _DESCRIPTIONS = {
 }
 
 
-def all_operations() -> list[Operation]:
-    from receiver.routes import (
-        alerts,
-        analytics,
-        enrichment,
-        health,
-        reconciliation,
-        runs,
-        webhooks,
-    )
-
-    return [
-        *alerts.operations,
-        *webhooks.operations,
-        *health.operations,
-        *runs.operations,
-        *analytics.operations,
-        *enrichment.operations,
-        *reconciliation.operations,
-    ]
-
-
 def build_document(operations: list[Operation]) -> dict[str, Any]:
     schemas: dict[str, Any] = {}
 
@@ -58,6 +32,8 @@ def build_document(operations: list[Operation]) -> dict[str, Any]:
 
     paths: dict[str, Any] = {}
     for op in operations:
+        if not op.documented:
+            continue
         entry: dict[str, Any] = {
             "summary": op.summary,
             "operationId": op.method
@@ -97,14 +73,3 @@ def build_document(operations: list[Operation]) -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
-
-
-async def openapi_json(request: Request) -> Response:
-    document = request.app.state.__dict__.get("_openapi")
-    if document is None:
-        document = build_document(all_operations())
-        request.app.state._openapi = document
-    return ORJSONResponse(document)
-
-
-routes = [Route("/openapi.json", openapi_json, methods=["GET"], include_in_schema=False)]

@@ -17,7 +17,7 @@ import orjson
 from starlette.datastructures import QueryParams
 
 from receiver.errors import InvalidQuery
-from receiver.payloads import normalise_status
+from receiver.vocabulary import normalise_status
 
 # /runs filters: query parameter -> runs column.
 FILTER_COLUMNS = {

@@ -46,8 +46,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.errors import InvalidPayload, ReceiverError
-from receiver.ingest import archive_rejection, store_parsed
-from receiver.payloads import ParsedPayload, parse_payload
+from receiver.ingest import ArchiveEntry, StoreResult, archive_rejection, store_parsed
+from receiver.ingest.payloads import ParsedPayload, parse_payload
+from receiver.ingest.store import RUN_OBJECT_FIELDS
 from receiver.runflow_api import (
     ApiKeyRefused,
     Fetched,
@@ -57,7 +58,6 @@ from receiver.runflow_api import (
     created_between,
 )
 from receiver.settings import Settings
-from receiver.store import RUN_OBJECT_FIELDS, ArchiveEntry, StoreResult
 from receiver.vocabulary import (
     STATUSES,
     DeliverySource,

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import orjson
 
+from receiver.ingest.signature import sign
 from receiver.settings import Settings
-from receiver.signature import sign
 
 MODELS = [
     "flux-dev",

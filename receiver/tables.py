@@ -1,4 +1,12 @@
-"""Table models: the schema Alembic revisions are reviewed against.
+"""Table models: the whole schema, declared in SQLModel beside the revisions that create it.
+
+The Alembic revisions in ``alembic/versions`` are the only source of DDL; they are reviewed by
+hand and never generated from here. These models must declare the same schema: every table,
+column (type, nullability, server default, identity, computed column) in the database's column
+order, key, constraint and index, with the names the revisions use. ``tests/test_schema.py``
+proves the two agree: Alembic's comparison against a database migrated to head, and the catalog
+(index definitions, columns, constraints) of a database built by ``create_all`` from these
+models against that migrated one. A revision that adds a column appends it to the table here.
 
 The ingest hot path writes these with SQLAlchemy Core (see ``receiver.store``); the ORM view is
 for ordinary queries. ``deliveries`` is keyed by ``(id, received_at)`` so it can be
@@ -47,12 +55,48 @@ def _json() -> Any:
     return Field(default=None, sa_column=Column(JSONB, nullable=True))
 
 
+# 0002: each /runs filter column gets (column, sort_at DESC, id DESC).
+_RUNS_FILTERED = (
+    "failure_code",
+    "failure_stage",
+    "model",
+    "target_type",
+    "source",
+    "client_ref",
+    "batch_id",
+    "org_id",
+)
+# 0005: what the window index carries so every analytics route is an index-only scan.
+_RUNS_WINDOW_COVERED = (
+    "status",
+    "model",
+    "target_type",
+    "source",
+    "org_id",
+    "failure_code",
+    "failure_stage",
+    "duration_ms",
+    "cost",
+)
+_NEWEST_FIRST = (text("sort_at DESC"), text("id DESC"))
+
+
 class Run(SQLModel, table=True):
     """The current state of one Runflow run, folded from every delivery that touched it."""
 
     __tablename__ = "runs"
-    # Indexes: alembic/versions/0002_query_indexes.py (one per /runs filter) and
-    # 0005_analytics_window_index.py (the window index the analytics read).
+    __table_args__ = (
+        Index("ix_runs_window", *_NEWEST_FIRST, postgresql_include=list(_RUNS_WINDOW_COVERED)),
+        Index(
+            "ix_runs_status_sort",
+            "status",
+            *_NEWEST_FIRST,
+            postgresql_include=["failure_code", "failure_stage", "model", "duration_ms"],
+        ),
+        *(Index(f"ix_runs_{column}_sort", column, *_NEWEST_FIRST) for column in _RUNS_FILTERED),
+        # 0004: alerts look at what the receiver heard recently, whenever the run was created.
+        Index("ix_runs_last_received", "last_received_at", postgresql_include=["status"]),
+    )
 
     id: str = Field(sa_column=Column(Text, primary_key=True))
     org_id: str | None = Field(default=None, sa_column=Column(Text))
@@ -84,8 +128,8 @@ class Run(SQLModel, table=True):
         default=0, sa_column=Column(Integer, nullable=False, server_default="0")
     )
     updated_at: datetime | None = _ts(nullable=False, default_now=True)
-    enriched_at: datetime | None = _ts()
-    enrichment_error: str | None = Field(default=None, sa_column=Column(Text))
+    # Columns a later revision added come in the order the revisions added them.
+    # 0002:
     sort_at: datetime | None = Field(
         default=None,
         sa_column=Column(
@@ -94,6 +138,9 @@ class Run(SQLModel, table=True):
             nullable=False,
         ),
     )
+    # 0003:
+    enriched_at: datetime | None = _ts()
+    enrichment_error: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class Delivery(SQLModel, table=True):
@@ -122,9 +169,6 @@ class Delivery(SQLModel, table=True):
     body_sha256: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
     body_size: int | None = Field(default=None, sa_column=Column(BigInteger))
     signature: str = Field(sa_column=Column(Text, nullable=False))
-    source: str = Field(
-        default="webhook", sa_column=Column(Text, nullable=False, server_default="webhook")
-    )
     outcome: str = Field(sa_column=Column(Text, nullable=False))
     cause: str | None = Field(default=None, sa_column=Column(Text))
     cause_detail: Any = _json()
@@ -136,6 +180,10 @@ class Delivery(SQLModel, table=True):
         default=0, sa_column=Column(Integer, nullable=False, server_default="0")
     )
     replayed_at: datetime | None = _ts()
+    # Added by 0006, so last.
+    source: str = Field(
+        default="webhook", sa_column=Column(Text, nullable=False, server_default="webhook")
+    )
 
 
 class DeliveryFingerprint(SQLModel, table=True):
@@ -220,6 +268,13 @@ class EnrichmentItem(SQLModel, table=True):
     """A run waiting to be fetched from Runflow's API (see receiver.enrichment)."""
 
     __tablename__ = "enrichment_queue"
+    __table_args__ = (
+        Index(
+            "ix_enrichment_queue_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
 
     run_id: str = Field(sa_column=Column(Text, primary_key=True))
     state: str = Field(sa_column=Column(Text, nullable=False, server_default="pending"))

@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,12 +22,8 @@ from receiver.app import create_app
 from receiver.db import create_engine, plain_url, start_embedded
 from receiver.migrations import upgrade
 from receiver.settings import Settings
-from tests.builders import API_TOKEN, SIGNING_SECRET
-
-
-def _with_database(url: str, name: str) -> str:
-    base, sep, query = plain_url(url).partition("?")
-    return base.rsplit("/", 1)[0] + "/" + name + (sep + query if sep else "")
+from tests.support.builders import API_TOKEN, SIGNING_SECRET
+from tests.support.database import admin_sql, truncate_all, with_database
 
 
 @pytest.fixture(scope="session")
@@ -42,26 +37,12 @@ def server_url() -> Iterator[str]:
         yield start_embedded(Path(data_dir))
 
 
-def admin_sql(server_url: str, sql: str) -> None:
-    """Run one statement (CREATE/DROP DATABASE) on the server, outside any transaction."""
-    import asyncio
-
-    async def run() -> None:
-        conn = await asyncpg.connect(plain_url(server_url))
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test session, dropped at the end."""
     name = f"rftest_{uuid.uuid4().hex[:12]}"
     admin_sql(server_url, f'CREATE DATABASE "{name}"')
-    url = _with_database(server_url, name)
+    url = with_database(server_url, name)
     upgrade(url)
     yield url
     admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -72,20 +53,6 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     eng = create_engine(database_url, pool_size=5)
     yield eng
     await eng.dispose()
-
-
-async def truncate_all(url: str) -> None:
-    conn = await asyncpg.connect(plain_url(url))
-    try:
-        tables = await conn.fetch(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-            " AND tablename <> 'alembic_version'"
-        )
-        if tables:
-            names = ", ".join(f'"{row["tablename"]}"' for row in tables)
-            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

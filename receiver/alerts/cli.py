@@ -7,13 +7,13 @@ import asyncio
 from datetime import UTC, datetime
 
 import httpx
-import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.alerts.notify import SIGNATURE_HEADER, render, sign
-from receiver.alerts.rules import get_rule, list_rules
-from receiver.db import driver_connection
+from receiver.alerts.notify import SIGNATURE_HEADER, render
+from receiver.alerts.store import get_rule, list_rules, rule_states, unsent_notifications
+from receiver.ingest.signature import sign
 from receiver.settings import ConfigError, Settings
+from receiver.startup import open_engine
 
 
 async def print_states(engine: AsyncEngine) -> None:
@@ -21,26 +21,16 @@ async def print_states(engine: AsyncEngine) -> None:
     if not rules:
         print("no alert rules")
     for rule_id, rule in rules:
-        async with driver_connection(engine) as conn:
-            rows = await conn.fetch(
-                "SELECT group_key, state, value, updated_at FROM alert_states WHERE rule_id = $1"
-                " ORDER BY group_key",
-                rule_id,
-            )
+        states = await rule_states(engine, rule_id)
         flag = "" if rule.enabled else " (disabled)"
         breach = "<=" if rule.metric == "no_callbacks" else ">"
         print(f"{rule.name}{flag}: {rule.metric} {breach} {rule.threshold} over {rule.window}s")
-        for row in rows:
-            group = ", ".join(f"{k}={v}" for k, v in orjson.loads(row["group_key"]).items())
-            print(f"  {group or 'all runs':40} {row['state']:9} value={row['value']}")
-        if not rows:
+        for state in states:
+            group = ", ".join(f"{k}={v}" for k, v in state["group"].items())
+            print(f"  {group or 'all runs':40} {state['state']:9} value={state['value']}")
+        if not states:
             print("  ok (no group has breached)")
-    async with driver_connection(engine) as conn:
-        waiting = await conn.fetch(
-            "SELECT state, count(*) AS n, max(last_error) AS error FROM alert_notifications"
-            " WHERE state <> 'sent' GROUP BY state ORDER BY state"
-        )
-    for row in waiting:  # pending: still being retried; failed: given up
+    for row in await unsent_notifications(engine):  # pending: still retrying; failed: given up
         print(f"notifications {row['state']}: {row['n']} (an error: {row['error']})")
 
 
@@ -94,8 +84,6 @@ def run(args: argparse.Namespace, settings: Settings, engine: AsyncEngine) -> in
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from receiver.cli import open_engine
-
     parser = sub.add_parser("alerts", help="alert rules: list states, send a test notification")
     commands = parser.add_subparsers(dest="alerts_command", required=True)
     commands.add_parser("list", help="print every rule and the state of its groups")

@@ -25,11 +25,12 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.alerts.notify import render
-from receiver.alerts.rules import Rule, list_rules
+from receiver.alerts.rules import Rule
+from receiver.alerts.store import list_rules
 from receiver.db import driver_connection
-from receiver.payloads import TERMINAL_STATUSES
 from receiver.queries import Where
 from receiver.settings import Settings
+from receiver.vocabulary import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.backoff import full_jitter
 from receiver.db import driver_connection
+from receiver.ingest.signature import sign
 from receiver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,10 +61,6 @@ def render(notice: dict[str, Any], fmt: str) -> bytes:
         )
         return orjson.dumps({"text": text})
     return orjson.dumps(notice)
-
-
-def sign(body: bytes, secret: str) -> str:
-    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncClient) -> bool:

@@ -9,9 +9,7 @@ from typing import Any, Literal
 import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.db import driver_connection
 from receiver.errors import InvalidRule
 
 FILTERABLE = ("failure_code", "failure_stage", "model", "target_type", "source")
@@ -144,32 +142,3 @@ def load_rules_file(path: Path) -> list[Rule]:
     if not isinstance(items, list):
         raise InvalidRule(f"{path}: expected a list of rules")
     return [validate_rule(item) for item in items]
-
-
-async def upsert_rule(engine: AsyncEngine, rule: Rule) -> None:
-    async with driver_connection(engine) as conn:
-        await conn.execute(
-            "INSERT INTO alert_rules (name, definition) VALUES ($1, $2)"
-            " ON CONFLICT (name) DO UPDATE SET definition = EXCLUDED.definition,"
-            " updated_at = now()",
-            rule.name,
-            orjson.dumps(rule.definition()).decode(),
-        )
-
-
-async def list_rules(engine: AsyncEngine) -> list[tuple[int, Rule]]:
-    async with driver_connection(engine) as conn:
-        rows = await conn.fetch("SELECT id, definition FROM alert_rules ORDER BY name")
-    return [(row["id"], Rule.model_validate(row["definition"])) for row in rows]
-
-
-async def get_rule(engine: AsyncEngine, name: str) -> tuple[int, Rule] | None:
-    async with driver_connection(engine) as conn:
-        row = await conn.fetchrow("SELECT id, definition FROM alert_rules WHERE name = $1", name)
-    return (row["id"], Rule.model_validate(row["definition"])) if row else None
-
-
-async def delete_rule(engine: AsyncEngine, name: str) -> bool:
-    async with driver_connection(engine) as conn:
-        deleted = await conn.fetchval("DELETE FROM alert_rules WHERE name = $1 RETURNING id", name)
-    return deleted is not None

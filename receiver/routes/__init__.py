@@ -1,1 +1,22 @@
-"""HTTP routes, one module per concern; each exposes ``routes``."""
+"""HTTP routes, one module per concern; each lists its ``operations`` (route and API doc)."""
+
+from __future__ import annotations
+
+from receiver.apidoc import Operation
+from receiver.routes import (
+    alerts,
+    analytics,
+    docs,
+    enrichment,
+    health,
+    reconciliation,
+    runs,
+    webhooks,
+)
+
+MODULES = (alerts, webhooks, health, runs, analytics, enrichment, reconciliation, docs)
+
+
+def all_operations() -> list[Operation]:
+    """Every endpoint the app serves, in the order routes are matched."""
+    return [operation for module in MODULES for operation in module.operations]

@@ -7,72 +7,18 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from receiver.alerts import rules as store
-from receiver.apidoc import PAGE_PARAMS, Operation, Param, check_params
-from receiver.app import resources
-from receiver.auth import authenticated
-from receiver.db import driver_connection
+from receiver.alerts import store
+from receiver.alerts.rules import Rule, restore_secrets, validate_rule
+from receiver.apidoc import PAGE_PARAMS, Operation, Param
 from receiver.errors import Conflict, InvalidQuery, InvalidRule, NotFound
 from receiver.queryparams import decode_cursor, encode_cursor, parse_limit
+from receiver.resources import resources
 from receiver.responses import ORJSONResponse
 from receiver.schemas import AlertEventPage, AlertRuleOut, AlertRules, ErrorBody
 
 _ERRORS: dict[int, type[ErrorBody] | None] = {401: ErrorBody, 422: ErrorBody, 503: ErrorBody}
 NAME = Param("name", {"type": "string"}, "the rule's name", location="path")
-
-CREATE = Operation(
-    "/alerts/rules",
-    "post",
-    "Create an alert rule",
-    {201: AlertRuleOut, 409: ErrorBody, **_ERRORS},
-    request_model=store.Rule,
-    tags=("alerts",),
-)
-LIST = Operation(
-    "/alerts/rules",
-    "get",
-    "Alert rules with the state of each group; hook secrets are shown as ********",
-    {200: AlertRules, **_ERRORS},
-    tags=("alerts",),
-)
-GET = Operation(
-    "/alerts/rules/{name}",
-    "get",
-    "One alert rule with its states",
-    {200: AlertRuleOut, 404: ErrorBody, **_ERRORS},
-    (NAME,),
-    tags=("alerts",),
-)
-PATCH = Operation(
-    "/alerts/rules/{name}",
-    "patch",
-    "Change fields of an alert rule; a target secret sent as ******** keeps the stored one",
-    {200: AlertRuleOut, 404: ErrorBody, **_ERRORS},
-    (NAME,),
-    request_body={
-        "required": True,
-        "content": {"application/json": {"schema": {"type": "object"}}},
-    },
-    tags=("alerts",),
-)
-DELETE = Operation(
-    "/alerts/rules/{name}",
-    "delete",
-    "Delete an alert rule and its states",
-    {204: None, 404: ErrorBody, **_ERRORS},
-    (NAME,),
-    tags=("alerts",),
-)
-EVENTS = Operation(
-    "/alerts/events",
-    "get",
-    "State transitions, newest first, each with where its notifications stand",
-    {200: AlertEventPage, **_ERRORS},
-    (Param("rule", {"type": "string"}, "only this rule's events"), *PAGE_PARAMS),
-    tags=("alerts",),
-)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
@@ -85,29 +31,13 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return data
 
 
-async def _with_states(request: Request, rule_id: int, rule: store.Rule) -> dict[str, Any]:
-    async with driver_connection(resources(request).engine) as conn:
-        rows = await conn.fetch(
-            "SELECT group_key, state, value, updated_at FROM alert_states WHERE rule_id = $1"
-            " ORDER BY group_key",
-            rule_id,
-        )
-    states = [
-        {
-            "group": orjson.loads(r["group_key"]),
-            "state": r["state"],
-            "value": r["value"],
-            "updated_at": r["updated_at"],
-        }
-        for r in rows
-    ]
+async def _with_states(request: Request, rule_id: int, rule: Rule) -> dict[str, Any]:
+    states = await store.rule_states(resources(request).engine, rule_id)
     return {"rule": rule.public_definition(), "states": states}
 
 
-@authenticated
 async def create_rule(request: Request) -> Response:
-    check_params(request.query_params, CREATE)
-    rule = store.validate_rule(store.restore_secrets(await _json_object(request), None))
+    rule = validate_rule(restore_secrets(await _json_object(request), None))
     engine = resources(request).engine
     if await store.get_rule(engine, rule.name) is not None:
         raise Conflict(f"a rule named {rule.name!r} exists; PATCH it instead")
@@ -117,14 +47,12 @@ async def create_rule(request: Request) -> Response:
     return ORJSONResponse(await _with_states(request, *found), status_code=201)
 
 
-@authenticated
 async def list_rules(request: Request) -> Response:
-    check_params(request.query_params, LIST)
     found = await store.list_rules(resources(request).engine)
     return ORJSONResponse({"items": [await _with_states(request, *item) for item in found]})
 
 
-async def _existing(request: Request) -> tuple[int, store.Rule]:
+async def _existing(request: Request) -> tuple[int, Rule]:
     name = request.path_params["name"]
     found = None if "\x00" in name else await store.get_rule(resources(request).engine, name)
     if found is None:
@@ -132,20 +60,16 @@ async def _existing(request: Request) -> tuple[int, store.Rule]:
     return found
 
 
-@authenticated
 async def get_rule(request: Request) -> Response:
-    check_params(request.query_params, GET)
     return ORJSONResponse(await _with_states(request, *await _existing(request)))
 
 
-@authenticated
 async def patch_rule(request: Request) -> Response:
-    check_params(request.query_params, PATCH)
     _, rule = await _existing(request)
     changes = await _json_object(request)
     if "name" in changes and changes["name"] != rule.name:
         raise InvalidRule("a rule cannot be renamed; create a new one")
-    updated = store.validate_rule(store.restore_secrets({**rule.definition(), **changes}, rule))
+    updated = validate_rule(restore_secrets({**rule.definition(), **changes}, rule))
     engine = resources(request).engine
     await store.upsert_rule(engine, updated)
     found = await store.get_rule(engine, updated.name)
@@ -153,66 +77,90 @@ async def patch_rule(request: Request) -> Response:
     return ORJSONResponse(await _with_states(request, *found))
 
 
-@authenticated
 async def delete_rule(request: Request) -> Response:
-    check_params(request.query_params, DELETE)
     name = request.path_params["name"]
     if "\x00" in name or not await store.delete_rule(resources(request).engine, name):
         raise NotFound(f"no alert rule {request.path_params['name']!r}")
     return Response(status_code=204)
 
 
-@authenticated
 async def list_events(request: Request) -> Response:
-    check_params(request.query_params, EVENTS)
     limit = parse_limit(request.query_params)
     after = decode_cursor(request.query_params, (int,))
-    args: list[Any] = []
-    conditions = []
-    if "rule" in request.query_params:
-        if "\x00" in request.query_params["rule"]:
-            raise InvalidQuery("rule contains a NUL character", [{"param": "rule"}])
-        args.append(request.query_params["rule"])
-        conditions.append(f"rule_name = ${len(args)}")
-    if after is not None:
-        args.append(after[0])
-        conditions.append(f"id < ${len(args)}")
-    where = " AND ".join(conditions) or "TRUE"
-    async with driver_connection(resources(request).engine) as conn:
-        rows = await conn.fetch(
-            "SELECT id, rule_name AS rule, group_key, from_state, to_state, value, threshold,"
-            f" notified, at FROM alert_events WHERE {where} ORDER BY id DESC LIMIT {limit + 1}",
-            *args,
-        )
-        notices = await conn.fetch(
-            "SELECT event_id, url, state, attempts, last_error, sent_at FROM alert_notifications"
-            " WHERE event_id = ANY($1::bigint[]) ORDER BY id",
-            [r["id"] for r in rows[:limit]],
-        )
-    by_event: dict[int, list[dict[str, Any]]] = {}
-    for notice in notices:
-        entry = dict(notice)
-        by_event.setdefault(entry.pop("event_id"), []).append(entry)
-    items = [
-        {
-            **dict(r),
-            "group": orjson.loads(r["group_key"]),
-            "notifications": by_event.get(r["id"], []),
-        }
-        for r in rows[:limit]
-    ]
-    for item in items:
-        del item["group_key"]
-    cursor = encode_cursor(items[-1]["id"]) if len(rows) > limit else None
+    rule = request.query_params.get("rule")
+    if rule is not None and "\x00" in rule:
+        raise InvalidQuery("rule contains a NUL character", [{"param": "rule"}])
+    items, more = await store.events_page(
+        resources(request).engine,
+        rule=rule,
+        before_id=None if after is None else after[0],
+        limit=limit,
+    )
+    cursor = encode_cursor(items[-1]["id"]) if more else None
     return ORJSONResponse({"items": items, "next_cursor": cursor})
 
 
+CREATE = Operation(
+    "/alerts/rules",
+    "post",
+    "Create an alert rule",
+    {201: AlertRuleOut, 409: ErrorBody, **_ERRORS},
+    endpoint=create_rule,
+    request_model=Rule,
+    tags=("alerts",),
+)
+
+LIST = Operation(
+    "/alerts/rules",
+    "get",
+    "Alert rules with the state of each group; hook secrets are shown as ********",
+    {200: AlertRules, **_ERRORS},
+    endpoint=list_rules,
+    tags=("alerts",),
+)
+
+GET = Operation(
+    "/alerts/rules/{name}",
+    "get",
+    "One alert rule with its states",
+    {200: AlertRuleOut, 404: ErrorBody, **_ERRORS},
+    endpoint=get_rule,
+    params=(NAME,),
+    tags=("alerts",),
+)
+
+PATCH = Operation(
+    "/alerts/rules/{name}",
+    "patch",
+    "Change fields of an alert rule; a target secret sent as ******** keeps the stored one",
+    {200: AlertRuleOut, 404: ErrorBody, **_ERRORS},
+    endpoint=patch_rule,
+    params=(NAME,),
+    request_body={
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    },
+    tags=("alerts",),
+)
+
+DELETE = Operation(
+    "/alerts/rules/{name}",
+    "delete",
+    "Delete an alert rule and its states",
+    {204: None, 404: ErrorBody, **_ERRORS},
+    endpoint=delete_rule,
+    params=(NAME,),
+    tags=("alerts",),
+)
+
+EVENTS = Operation(
+    "/alerts/events",
+    "get",
+    "State transitions, newest first, each with where its notifications stand",
+    {200: AlertEventPage, **_ERRORS},
+    endpoint=list_events,
+    params=(Param("rule", {"type": "string"}, "only this rule's events"), *PAGE_PARAMS),
+    tags=("alerts",),
+)
+
 operations = [CREATE, LIST, GET, PATCH, DELETE, EVENTS]
-routes = [
-    Route("/alerts/rules", create_rule, methods=["POST"]),
-    Route("/alerts/rules", list_rules, methods=["GET"]),
-    Route("/alerts/rules/{name}", get_rule, methods=["GET"]),
-    Route("/alerts/rules/{name}", patch_rule, methods=["PATCH"]),
-    Route("/alerts/rules/{name}", delete_rule, methods=["DELETE"]),
-    Route("/alerts/events", list_events, methods=["GET"]),
-]

@@ -4,31 +4,27 @@ from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
-from receiver.apidoc import Operation, check_params
-from receiver.app import resources
-from receiver.auth import authenticated
+from receiver.apidoc import Operation
 from receiver.enrichment import queue_status
+from receiver.resources import resources
 from receiver.responses import ORJSONResponse
 from receiver.schemas import EnrichmentStatus, ErrorBody
+
+
+async def status(request: Request) -> Response:
+    res = resources(request)
+    body = {"enabled": res.settings.enrichment_queueing, **await queue_status(res.engine)}
+    return ORJSONResponse(body)
+
 
 STATUS = Operation(
     "/enrichment/status",
     "get",
     "Enrichment queue depth, oldest pending item, and failures",
     {200: EnrichmentStatus, 401: ErrorBody, 422: ErrorBody, 503: ErrorBody},
+    endpoint=status,
     tags=("enrichment",),
 )
 
-
-@authenticated
-async def status(request: Request) -> Response:
-    check_params(request.query_params, STATUS)
-    res = resources(request)
-    body = {"enabled": res.settings.enrichment_queueing, **await queue_status(res.engine)}
-    return ORJSONResponse(body)
-
-
 operations = [STATUS]
-routes = [Route("/enrichment/status", status, methods=["GET"])]

@@ -5,12 +5,11 @@ from __future__ import annotations
 from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from receiver import metrics
 from receiver.apidoc import Operation
-from receiver.app import resources
 from receiver.migrations import current_revision, head_revision
+from receiver.resources import resources
 from receiver.responses import ORJSONResponse
 from receiver.schemas import ErrorBody, Health
 
@@ -53,19 +52,23 @@ operations = [
         "get",
         "Prometheus metrics (text exposition format)",
         {200: None, 503: ErrorBody},
+        endpoint=metrics_text,
         authenticated=False,
     ),
-    Operation("/healthz", "get", "The process is up", {200: Health}, authenticated=False),
+    Operation(
+        "/healthz",
+        "get",
+        "The process is up",
+        {200: Health},
+        endpoint=healthz,
+        authenticated=False,
+    ),
     Operation(
         "/readyz",
         "get",
         "The database answers and its schema is at head",
         {200: Health, 503: Health},
+        endpoint=readyz,
         authenticated=False,
     ),
-]
-routes = [
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
-    Route("/metrics", metrics_text, methods=["GET"]),
 ]

@@ -6,14 +6,12 @@ from datetime import datetime
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from receiver import ingest, queries
-from receiver.apidoc import FILTER_PARAMS, PAGE_PARAMS, Operation, Param, check_params
-from receiver.app import resources
-from receiver.auth import authenticated
+from receiver.apidoc import FILTER_PARAMS, PAGE_PARAMS, Operation, Param
 from receiver.errors import InvalidQuery, NotFound
 from receiver.queryparams import decode_cursor, encode_cursor, parse_filters, parse_limit
+from receiver.resources import resources
 from receiver.responses import ORJSONResponse
 from receiver.schemas import (
     DeliveryDetail,
@@ -33,62 +31,6 @@ DELIVERY_ID = Param(
 )
 _ERRORS: dict[int, type[ErrorBody] | None] = {401: ErrorBody, 422: ErrorBody, 503: ErrorBody}
 
-LIST_RUNS = Operation(
-    "/runs",
-    "get",
-    "Runs, newest first, filtered and paged by cursor",
-    {200: RunPage, **_ERRORS},
-    FILTER_PARAMS + PAGE_PARAMS,
-    tags=("runs",),
-)
-GET_RUN = Operation(
-    "/runs/{run_id}",
-    "get",
-    "One run with its node runs",
-    {200: RunDetail, 404: ErrorBody, **_ERRORS},
-    (RUN_ID,),
-    tags=("runs",),
-)
-RUN_DELIVERIES = Operation(
-    "/runs/{run_id}/deliveries",
-    "get",
-    "Every delivery that touched a run, oldest first",
-    {200: DeliveryList, 404: ErrorBody, **_ERRORS},
-    (RUN_ID,),
-    tags=("runs",),
-)
-LIST_DELIVERIES = Operation(
-    "/deliveries",
-    "get",
-    "Kept deliveries, newest first, by outcome",
-    {200: DeliveryPage, **_ERRORS},
-    (
-        Param(
-            "outcome",
-            {"type": "array", "items": {"type": "string", "enum": list(OUTCOMES)}},
-            "stored, duplicate or rejected (repeat or comma-separate)",
-        ),
-        *PAGE_PARAMS,
-    ),
-    tags=("deliveries",),
-)
-GET_DELIVERY = Operation(
-    "/deliveries/{delivery_id}",
-    "get",
-    "One kept delivery, with its body when kept",
-    {200: DeliveryDetail, 404: ErrorBody, **_ERRORS},
-    (DELIVERY_ID,),
-    tags=("deliveries",),
-)
-REPLAY = Operation(
-    "/deliveries/{delivery_id}/replay",
-    "post",
-    "Process a kept delivery again",
-    {200: ReplayAnswer, 404: ErrorBody, 409: ErrorBody, **_ERRORS},
-    (DELIVERY_ID,),
-    tags=("deliveries",),
-)
-
 
 def _text_path(request: Request, name: str) -> str:
     value: str = request.path_params[name]
@@ -104,9 +46,7 @@ def _id_path(request: Request) -> int:
     return delivery_id
 
 
-@authenticated
 async def list_runs(request: Request) -> Response:
-    check_params(request.query_params, LIST_RUNS)
     filters = parse_filters(request.query_params)
     limit = parse_limit(request.query_params)
     after = decode_cursor(request.query_params, (datetime, str))
@@ -120,9 +60,7 @@ async def list_runs(request: Request) -> Response:
     return ORJSONResponse({"items": items, "next_cursor": cursor})
 
 
-@authenticated
 async def get_run(request: Request) -> Response:
-    check_params(request.query_params, GET_RUN)
     run_id = _text_path(request, "run_id")
     run = await queries.get_run(resources(request).engine, run_id)
     if run is None:
@@ -130,9 +68,7 @@ async def get_run(request: Request) -> Response:
     return ORJSONResponse(run)
 
 
-@authenticated
 async def run_deliveries(request: Request) -> Response:
-    check_params(request.query_params, RUN_DELIVERIES)
     run_id = _text_path(request, "run_id")
     engine = resources(request).engine
     if await queries.get_run(engine, run_id) is None:
@@ -140,9 +76,7 @@ async def run_deliveries(request: Request) -> Response:
     return ORJSONResponse({"items": await queries.run_deliveries(engine, run_id)})
 
 
-@authenticated
 async def list_deliveries(request: Request) -> Response:
-    check_params(request.query_params, LIST_DELIVERIES)
     outcomes = [
         v.strip()
         for raw in request.query_params.getlist("outcome")
@@ -165,9 +99,7 @@ async def list_deliveries(request: Request) -> Response:
     return ORJSONResponse({"items": items, "next_cursor": encode_cursor(*last) if last else None})
 
 
-@authenticated
 async def get_delivery(request: Request) -> Response:
-    check_params(request.query_params, GET_DELIVERY)
     delivery_id = _id_path(request)
     found = await queries.get_delivery(resources(request).engine, delivery_id)
     if found is None:
@@ -175,9 +107,7 @@ async def get_delivery(request: Request) -> Response:
     return ORJSONResponse(found)
 
 
-@authenticated
 async def replay(request: Request) -> Response:
-    check_params(request.query_params, REPLAY)
     res = resources(request)
     result = await ingest.replay(
         res.engine, _id_path(request), enrich=res.settings.enrichment_queueing
@@ -189,12 +119,71 @@ async def replay(request: Request) -> Response:
     return ORJSONResponse(content)
 
 
+LIST_RUNS = Operation(
+    "/runs",
+    "get",
+    "Runs, newest first, filtered and paged by cursor",
+    {200: RunPage, **_ERRORS},
+    endpoint=list_runs,
+    params=FILTER_PARAMS + PAGE_PARAMS,
+    tags=("runs",),
+)
+
+GET_RUN = Operation(
+    "/runs/{run_id}",
+    "get",
+    "One run with its node runs",
+    {200: RunDetail, 404: ErrorBody, **_ERRORS},
+    endpoint=get_run,
+    params=(RUN_ID,),
+    tags=("runs",),
+)
+
+RUN_DELIVERIES = Operation(
+    "/runs/{run_id}/deliveries",
+    "get",
+    "Every delivery that touched a run, oldest first",
+    {200: DeliveryList, 404: ErrorBody, **_ERRORS},
+    endpoint=run_deliveries,
+    params=(RUN_ID,),
+    tags=("runs",),
+)
+
+LIST_DELIVERIES = Operation(
+    "/deliveries",
+    "get",
+    "Kept deliveries, newest first, by outcome",
+    {200: DeliveryPage, **_ERRORS},
+    endpoint=list_deliveries,
+    params=(
+        Param(
+            "outcome",
+            {"type": "array", "items": {"type": "string", "enum": list(OUTCOMES)}},
+            "stored, duplicate or rejected (repeat or comma-separate)",
+        ),
+        *PAGE_PARAMS,
+    ),
+    tags=("deliveries",),
+)
+
+GET_DELIVERY = Operation(
+    "/deliveries/{delivery_id}",
+    "get",
+    "One kept delivery, with its body when kept",
+    {200: DeliveryDetail, 404: ErrorBody, **_ERRORS},
+    endpoint=get_delivery,
+    params=(DELIVERY_ID,),
+    tags=("deliveries",),
+)
+
+REPLAY = Operation(
+    "/deliveries/{delivery_id}/replay",
+    "post",
+    "Process a kept delivery again",
+    {200: ReplayAnswer, 404: ErrorBody, 409: ErrorBody, **_ERRORS},
+    endpoint=replay,
+    params=(DELIVERY_ID,),
+    tags=("deliveries",),
+)
+
 operations = [LIST_RUNS, GET_RUN, RUN_DELIVERIES, LIST_DELIVERIES, GET_DELIVERY, REPLAY]
-routes = [
-    Route("/runs", list_runs, methods=["GET"]),
-    Route("/runs/{run_id}", get_run, methods=["GET"]),
-    Route("/runs/{run_id}/deliveries", run_deliveries, methods=["GET"]),
-    Route("/deliveries", list_deliveries, methods=["GET"]),
-    Route("/deliveries/{delivery_id:int}", get_delivery, methods=["GET"]),
-    Route("/deliveries/{delivery_id:int}/replay", replay, methods=["POST"]),
-]

@@ -8,16 +8,15 @@ from datetime import UTC, datetime
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from receiver import ingest, metrics
 from receiver.apidoc import Operation, Param
-from receiver.app import DATABASE_DOWN, resources
+from receiver.db import DATABASE_DOWN
 from receiver.errors import PayloadTooLarge, ReceiverError, Unavailable
-from receiver.ingest import RawDelivery
+from receiver.ingest import ArchiveEntry, RawDelivery
+from receiver.resources import resources
 from receiver.responses import ORJSONResponse
 from receiver.schemas import ErrorBody, IngestAnswer
-from receiver.store import ArchiveEntry
 from receiver.vocabulary import SignatureVerdict
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,8 @@ INGEST = Operation(
         422: ErrorBody,
         503: ErrorBody,
     },
-    (
+    endpoint=receive_runflow,
+    params=(
         Param(
             "Runflow-Signature",
             {"type": "string"},
@@ -116,6 +116,7 @@ INGEST = Operation(
         "content": {"application/json": {"schema": {"type": "object"}}},
     },
     tags=("ingest",),
+    strict_query=False,
 )
+
 operations = [INGEST]
-routes = [Route("/webhooks/runflow", receive_runflow, methods=["POST"])]

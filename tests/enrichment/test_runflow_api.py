@@ -23,8 +23,8 @@ from receiver.runflow_api import (
     run_path,
 )
 from receiver.settings import Settings
-from tests.builders import run_object
-from tests.fake_runflow import FakeRunflow, serve_fake
+from tests.support.builders import run_object
+from tests.support.fake_runflow import FakeRunflow, serve_fake
 
 TRAVERSAL = "../../admin/keys?dump=1#"
 
@@ -59,7 +59,12 @@ async def test_a_traversal_run_id_is_requested_as_one_encoded_segment():
 )
 async def test_an_id_that_cannot_form_a_url_raises_before_any_request(run_id):
     sent: list[httpx.Request] = []
-    transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(200))
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200)
+
+    transport = httpx.MockTransport(answer)
     async with RunflowClient(api_settings(), transport=transport) as client:
         with pytest.raises(InvalidRunId) as caught:
             await client.get_run(run_id)

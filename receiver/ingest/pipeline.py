@@ -1,0 +1,299 @@
+"""One delivery's journey: signature → content type → JSON → shape → archive and merge.
+
+Framework-free: the webhook route and ``replay`` both call in here. Every request that gets
+past the body-size cap is archived before it is answered; a 2xx leaves only after the
+transaction that made the delivery durable has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from receiver.db import CONNECTION_LOST, driver_connection
+from receiver.errors import (
+    InvalidJson,
+    InvalidPayload,
+    InvalidSignature,
+    NotFound,
+    NotReplayable,
+    ReceiverError,
+    UnsupportedMediaType,
+)
+from receiver.ingest import store
+from receiver.ingest.archive import ArchiveEntry, RawDelivery, archive_entry
+from receiver.ingest.payloads import ParsedPayload, parse_payload
+from receiver.ingest.signature import verify_signature
+from receiver.ingest.store import StoreResult
+from receiver.settings import Settings
+from receiver.vocabulary import DeliveryOutcome, DeliverySource, SignatureVerdict
+
+log = logging.getLogger(__name__)
+
+
+def signature_status(
+    settings: Settings, body: bytes, header: str | None
+) -> SignatureVerdict | None:
+    """``valid`` or ``unsigned`` when the request may proceed, None when it must be refused."""
+    if header and settings.signing_secrets:
+        valid = verify_signature(body, header, settings.signing_secrets)
+        return SignatureVerdict.VALID if valid else None
+    if settings.allow_unsigned:
+        return SignatureVerdict.UNSIGNED
+    return None
+
+
+def check_content_type(content_type: str | None) -> None:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or media == "text/json" or media.endswith("+json"):
+        return
+    raise UnsupportedMediaType(
+        f"content type must be application/json, got {content_type or 'none'}"
+    )
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJson(f"body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidJson(f"body must be a JSON object, got {type(document).__name__}")
+    return document
+
+
+def without_nul(value: Any) -> Any:
+    """The value with every NUL character replaced by U+FFFD (PostgreSQL text cannot hold NUL)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
+
+
+def parse_body(content_type: str | None, body: bytes) -> ParsedPayload:
+    """The pure part of the pipeline after the signature: raises a ReceiverError to reject."""
+    check_content_type(content_type)
+    document = decode_json(body)
+    if b"\\u0000" in body:
+        # JSON can only carry NUL escaped; the archive keeps the exact bytes regardless.
+        document = without_nul(document)
+    return parse_payload(document)
+
+
+async def archive_rejection(
+    engine: AsyncEngine, entry: ArchiveEntry, error: ReceiverError, *, keep_body: bool = True
+) -> ReceiverError:
+    """Keep a rejected request with its cause; returns the error, now carrying the delivery id."""
+    async with driver_connection(engine) as conn:
+        error.delivery_id = await store.insert_delivery(
+            conn,
+            entry,
+            outcome=DeliveryOutcome.REJECTED,
+            keep_body=keep_body,
+            cause=error.code,
+            cause_detail={"message": error.message, "details": error.details},
+        )
+    return error
+
+
+async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> StoreResult:
+    """Handle one webhook request end to end. Raises ReceiverError (already archived)."""
+    signature = signature_status(settings, raw.body, raw.headers.get("runflow-signature"))
+    if signature is None:
+        refusal = InvalidSignature(
+            "missing or invalid Runflow-Signature"
+            if settings.signing_secrets
+            else "no signing secret is configured and unsigned deliveries are not allowed"
+        )
+        log.warning(
+            "signature rejected request_id=%s bytes=%d",
+            raw.headers.get("runflow-request-id"),
+            len(raw.body),
+        )
+        # Anyone can send these: count them, never keep their bodies.
+        raise await archive_rejection(
+            engine,
+            archive_entry(raw, SignatureVerdict.INVALID, keep_body=False),
+            refusal,
+            keep_body=False,
+        )
+    entry = archive_entry(raw, signature, keep_body=True)
+    try:
+        parsed = parse_body(raw.content_type, raw.body)
+    except ReceiverError as error:
+        raise await archive_rejection(engine, entry, error) from None
+    enrich = settings.enrichment_queueing
+    try:
+        result = await store_parsed(engine, entry, parsed, enrich=enrich)
+    except CONNECTION_LOST as exc:
+        # A pooled connection died (database restart, failover). Trying once more on a fresh
+        # one is safe even if the first commit went through: the fingerprint makes the second
+        # attempt a duplicate, and the delivery is durable either way.
+        log.warning("connection lost while storing (%s); retrying once", type(exc).__name__)
+        result = await store_parsed(engine, entry, parsed, enrich=enrich)
+    if result.outcome == DeliveryOutcome.REJECTED:
+        rejection = InvalidPayload(
+            (result.cause_detail or {}).get("message", "payload rejected"),
+            (result.cause_detail or {}).get("details", []),
+        )
+        rejection.delivery_id = result.delivery_id
+        raise rejection
+    return result
+
+
+async def store_parsed(
+    engine: AsyncEngine,
+    entry: ArchiveEntry,
+    parsed: ParsedPayload,
+    *,
+    replay_of: int | None = None,
+    enrich: bool = False,
+    also: Callable[[Any, StoreResult], Awaitable[None]] | None = None,
+) -> StoreResult:
+    """Archive and merge a valid payload in one transaction; ``replay_of`` updates that row.
+
+    ``enrich`` queues runs that have only been seen in envelopes for a fetch from Runflow's
+    API; ``also`` runs more statements in the same transaction (the enrichment worker marks
+    its queue item done there, so a merge and its bookkeeping commit together or not at all).
+    """
+    async with driver_connection(engine) as conn, conn.transaction():
+        result = await _store(conn, entry, parsed, replay_of, enrich)
+        if also is not None:
+            await also(conn, result)
+        return result
+
+
+async def _store(
+    conn: Any, entry: ArchiveEntry, parsed: ParsedPayload, replay_of: int | None, enrich: bool
+) -> StoreResult:
+    assert entry.body_sha256 is not None
+
+    async def record(result: StoreResult, keep_body: bool) -> StoreResult:
+        if replay_of is not None:
+            await store.update_delivery(conn, replay_of, result, parsed.kind)
+            result.delivery_id = replay_of
+        else:
+            result.delivery_id = await store.insert_delivery(
+                conn,
+                entry,
+                delivery_id=result.delivery_id or None,
+                outcome=result.outcome,
+                keep_body=keep_body,
+                cause=result.cause,
+                cause_detail=result.cause_detail,
+                kind=parsed.kind,
+                run_id=result.run_id,
+                batch_id=result.batch_id,
+                duplicate_of=result.duplicate_of,
+            )
+        return result
+
+    run_id = parsed.run_id
+    lookup = parsed.runs[0].client_ref_lookup if parsed.kind == "run_object" else None
+    if lookup is not None:
+        matches = await store.runs_with_client_ref(conn, lookup)
+        if len(matches) != 1:
+            why = "no stored run has" if not matches else "several stored runs have"
+            detail = {
+                "message": f"payload has no id and {why} client_ref {lookup!r}",
+                "details": [{"loc": "client_ref", "msg": "unresolved client_ref"}],
+            }
+            return await record(
+                StoreResult(
+                    DeliveryOutcome.REJECTED, 0, cause=InvalidPayload.code, cause_detail=detail
+                ),
+                keep_body=True,
+            )
+        run_id = matches[0]
+        parsed.runs[0].run_id = run_id
+
+    owner = await store.claim_fingerprint(conn, entry.body_sha256, entry.received_at, replay_of)
+    if owner is None:
+        original = await store.fingerprint_owner(conn, entry.body_sha256)
+        result = StoreResult(
+            DeliveryOutcome.DUPLICATE,
+            0,
+            run_id=run_id,
+            batch_id=parsed.batch_id,
+            duplicate_of=original,
+        )
+        # The same bytes are already kept once: the duplicate's row records the request only.
+        return await record(result, keep_body=False)
+
+    result = await record(
+        StoreResult(DeliveryOutcome.STORED, owner, run_id=run_id, batch_id=parsed.batch_id),
+        keep_body=True,
+    )
+    patches = [(patch.run_id, patch.fields) for patch in parsed.runs if patch.run_id]
+    if patches:
+        merged = await store.merge_patches(
+            conn, delivery_id=result.delivery_id, received_at=entry.received_at, patches=patches
+        )
+        result.reached_terminal = merged.reached_terminal
+        if enrich and merged.envelope_only:
+            await store.enqueue_enrichment(conn, merged.envelope_only)
+    if run_id is not None:
+        await store.upsert_children(conn, run_id, parsed)
+    if parsed.batch is not None:
+        await store.upsert_batch(conn, parsed.batch, entry.received_at)
+    return result
+
+
+async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False) -> StoreResult:
+    """Run a kept delivery through parsing and merging again; returns the new outcome.
+
+    ``enrich`` queues envelope-only runs for enrichment, as ``receive`` does.
+    """
+    async with driver_connection(engine) as conn:
+        row = await conn.fetchrow(
+            "SELECT id, received_at, body, content_type, signature, source, outcome, run_id,"
+            " batch_id, duplicate_of FROM deliveries WHERE id = $1",
+            delivery_id,
+        )
+    if row is None:
+        raise NotFound(f"delivery {delivery_id} not found")
+    if row["outcome"] in (DeliveryOutcome.STORED, DeliveryOutcome.DUPLICATE):
+        # Already merged: replaying is a no-op that reports what happened.
+        return StoreResult(
+            row["outcome"],
+            row["id"],
+            run_id=row["run_id"],
+            batch_id=row["batch_id"],
+            duplicate_of=row["duplicate_of"],
+        )
+    if row["body"] is None:
+        raise NotReplayable(f"delivery {delivery_id} kept no body (it failed the signature check)")
+    body = bytes(row["body"])
+    entry = ArchiveEntry.of(
+        body,
+        signature=SignatureVerdict(row["signature"]),
+        source=DeliverySource(row["source"]),
+        received_at=row["received_at"],
+        content_type=row["content_type"],
+    )
+    try:
+        parsed = parse_body(row["content_type"], body)
+    except ReceiverError as error:
+        result = StoreResult(
+            DeliveryOutcome.REJECTED,
+            delivery_id,
+            cause=error.code,
+            cause_detail={"message": error.message, "details": error.details},
+        )
+        async with driver_connection(engine) as conn:
+            await store.update_delivery(conn, delivery_id, result, None)
+        return result
+    return await store_parsed(engine, entry, parsed, replay_of=delivery_id, enrich=enrich)
+
+
+async def replayable_rejections(engine: AsyncEngine) -> list[int]:
+    """Ids of the rejected deliveries that kept their body, oldest first."""
+    async with driver_connection(engine) as conn:
+        return await store.replayable_rejections(conn)

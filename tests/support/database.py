@@ -1,0 +1,41 @@
+"""Database helpers for tests: scratch databases on the test server, and emptying tables."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from receiver.db import plain_url
+
+
+def with_database(url: str, name: str) -> str:
+    base, sep, query = plain_url(url).partition("?")
+    return base.rsplit("/", 1)[0] + "/" + name + (sep + query if sep else "")
+
+
+def admin_sql(server_url: str, sql: str) -> None:
+    """Run one statement (CREATE/DROP DATABASE) on the server, outside any transaction."""
+
+    async def run() -> None:
+        conn = await asyncpg.connect(plain_url(server_url))
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+async def truncate_all(url: str) -> None:
+    conn = await asyncpg.connect(plain_url(url))
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'alembic_version'"
+        )
+        if tables:
+            names = ", ".join(f'"{row["tablename"]}"' for row in tables)
+            await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
