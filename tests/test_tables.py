@@ -23,7 +23,7 @@ from sqlmodel import SQLModel
 
 import receiver.tables  # noqa: F401  (registers the table models)
 from receiver.db import create_engine, plain_url
-from tests.conftest import _with_database, admin_sql
+from tests.support.database import admin_sql, with_database
 
 COLUMNS = """
     SELECT table_name, column_name, ordinal_position, data_type, character_maximum_length,
@@ -111,7 +111,7 @@ def scratch_url(server_url: str) -> Iterator[str]:
     name = f"rfschema_{uuid.uuid4().hex[:12]}"
     admin_sql(server_url, f'CREATE DATABASE "{name}"')
     try:
-        yield _with_database(server_url, name)
+        yield with_database(server_url, name)
     finally:
         admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
