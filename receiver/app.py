@@ -24,6 +24,7 @@ from receiver.alerts.store import upsert_rule
 from receiver.db import DATABASE_DOWN, create_engine, resolve_database_url
 from receiver.enrichment import Enricher
 from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailable
+from receiver.reconciliation import run_reconciler
 from receiver.resources import Resources
 from receiver.responses import error_response
 from receiver.routes import all_operations
@@ -64,7 +65,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 async def _start_background(
     settings: Settings, engine: AsyncEngine, stop: asyncio.Event
 ) -> list[asyncio.Task[None]]:
-    """The enrichment worker (when enabled), the alert evaluator and the alert sender."""
+    """The enrichment worker and the reconciler (when enabled), the alert evaluator and sender."""
     if settings.alert_rules_file is not None:
         for rule in load_rules_file(settings.alert_rules_file):
             await upsert_rule(engine, rule)
@@ -74,6 +75,8 @@ async def _start_background(
     ]
     if settings.enrichment_enabled:
         tasks.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
+    if settings.reconcile_enabled:
+        tasks.append(asyncio.create_task(run_reconciler(settings, engine, stop)))
     return tasks
 
 
@@ -82,8 +85,8 @@ def create_app(
 ) -> Starlette:
     """The receiver app. ``database_url`` overrides settings (``serve`` passes the embedded one).
 
-    With ``run_worker`` (the default) the background work runs inside the app: enrichment
-    (when enabled), alert evaluation and alert notifications.
+    With ``run_worker`` (the default) the background work runs inside the app: enrichment and
+    reconciliation (when enabled), alert evaluation and alert notifications.
     """
 
     @contextlib.asynccontextmanager

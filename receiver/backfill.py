@@ -1,29 +1,31 @@
 """``runflow-receiver backfill``: import history from Runflow's API through the merge path.
 
-Pages through ``GET {api}/v1/runs?created_after=..&created_before=..&limit=..&cursor=..``
-(response ``{"items": [Run], "next_cursor": str | null}``) and stores every Run object exactly
-as ingest would, archived as a delivery whose signature is ``backfill``. The cursor is kept in
-``backfill_progress`` after each page, so an interrupted backfill resumes where it stopped; a
-page re-read after an interruption is answered as duplicates, never merged twice. A listed run
-that fails validation is kept as a rejected delivery (replayable) and the backfill goes on.
+Pages through Runflow's documented list API with ``receiver.runflow_api``:
+``GET {api}/v1/runs?q=created_at>=SINCE AND created_at<UNTIL&sort_by=created_at:asc&limit=N``
+then ``&pq=<next_pq>`` until ``next_pq`` is null (answer ``{"items", "next_pq", "prev_pq"}``),
+and stores every Run object exactly as ingest would, archived as a delivery whose source is
+``backfill``. ``next_pq`` is kept in ``backfill_progress`` after each page, keyed by the ``q``
+expression, so an interrupted backfill resumes where it stopped; a page re-read after an
+interruption is answered as duplicates, never merged twice. A listed run that fails validation
+is kept as a rejected delivery (replayable) and the backfill goes on. 429, 5xx, timeouts and
+broken answers are retried with the shared back-off, up to ``enrichment_max_attempts`` a page.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import sys
 from datetime import datetime
 from typing import Any, TextIO
 
-import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
-from receiver.enrichment import Enricher, RateLimiter, backoff_seconds
 from receiver.errors import InvalidPayload, ReceiverError
 from receiver.ingest import ArchiveEntry, archive_rejection, store_parsed
 from receiver.ingest.payloads import parse_payload
+from receiver.runflow_api import RunflowApiError, RunflowClient, created_between
 from receiver.settings import Settings
 from receiver.vocabulary import DeliverySource, SignatureVerdict
 
@@ -33,7 +35,9 @@ class BackfillError(Exception):
 
 
 def progress_key(since: datetime, until: datetime | None) -> str:
-    return f"{since.isoformat()}|{until.isoformat() if until else ''}"
+    # Keyed by what is sent: progress kept by the old, undocumented parameters (which stopped
+    # after one page and called it finished) is not mistaken for a finished backfill.
+    return "q=" + created_between(since, until)
 
 
 async def _load_progress(engine: AsyncEngine, key: str) -> tuple[str | None, int, bool]:
@@ -57,34 +61,6 @@ async def _save_progress(
             imported,
             finished,
         )
-
-
-async def _get_page(
-    client: httpx.AsyncClient, settings: Settings, params: dict[str, Any], limiter: RateLimiter
-) -> dict[str, Any]:
-    for attempt in range(1, settings.enrichment_max_attempts + 1):
-        await limiter.acquire()
-        try:
-            response = await client.get("/v1/runs", params=params)
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        else:
-            if response.status_code == 200:
-                page: dict[str, Any] = orjson.loads(response.content)
-                return page
-            if response.status_code in (401, 403, 404) or 400 <= response.status_code < 429:
-                raise BackfillError(
-                    f"Runflow API answered {response.status_code}: {response.text[:200]}"
-                )
-            reason = f"http_{response.status_code}"
-            retry_after = response.headers.get("retry-after")
-            if retry_after and retry_after.replace(".", "", 1).isdigit():
-                await asyncio.sleep(
-                    min(float(retry_after), settings.enrichment_backoff_max_seconds)
-                )
-                continue
-        await asyncio.sleep(backoff_seconds(settings, attempt))
-    raise BackfillError(f"Runflow API kept failing ({reason}); rerun to resume")
 
 
 async def _import(engine: AsyncEngine, item: Any) -> str:
@@ -111,7 +87,7 @@ async def backfill(
     since: datetime,
     until: datetime | None = None,
     page_size: int = 500,
-    client: httpx.AsyncClient | None = None,
+    client: RunflowClient | None = None,
     out: TextIO = sys.stderr,
 ) -> dict[str, int]:
     """Import every run created in ``[since, until)``; returns counts by outcome."""
@@ -121,21 +97,24 @@ async def backfill(
     if finished:
         print(f"backfill {key} already finished ({imported} runs)", file=out)
         return counts
-    own_client = client is None
-    client = client or Enricher.make_client(settings)
-    limiter = RateLimiter(settings.enrichment_rps)
+    api = client or RunflowClient(settings)
+    q = created_between(since, until)
     try:
         while True:
-            params: dict[str, Any] = {"created_after": since.isoformat(), "limit": page_size}
-            if until is not None:
-                params["created_before"] = until.isoformat()
-            if cursor:
-                params["cursor"] = cursor
-            page = await _get_page(client, settings, params, limiter)
-            for item in page.get("items", []):
+            try:
+                page = await api.with_retries(
+                    functools.partial(
+                        api.list_runs, q=q, sort_by="created_at:asc", limit=page_size, pq=cursor
+                    )
+                )
+            except RunflowApiError as error:
+                raise BackfillError(
+                    f"Runflow API: {error.reason}; {imported} runs imported, rerun to resume"
+                ) from error
+            for item in page.items:
                 counts[await _import(engine, item)] += 1
-            imported += len(page.get("items", []))
-            cursor = page.get("next_cursor")
+            imported += len(page.items)
+            cursor = page.next_pq
             await _save_progress(engine, key, cursor, imported, finished=not cursor)
             print(
                 f"\rbackfill: {imported} runs imported"
@@ -148,6 +127,6 @@ async def backfill(
                 break
     finally:
         print(file=out)
-        if own_client:
-            await client.aclose()
+        if client is None:
+            await api.aclose()
     return counts

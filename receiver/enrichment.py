@@ -11,9 +11,13 @@ cannot commit its merge or reschedule the item (its transaction rolls back), so 
 merged once per enrichment however slow a worker was. On start the worker also queues stored
 runs that were never queued (kept before the API key was set, or replayed without it).
 
-Retries: 429 (honouring Retry-After), 5xx, timeouts and connection errors back off
-exponentially with full jitter, up to ``enrichment_max_attempts``. 404 ends the item. 401/403
-end the item too and pause the worker, with one log line, instead of hammering the API.
+Fetches go through ``receiver.runflow_api`` (the run id percent-encoded as one path
+segment). Retries: 429 (honouring Retry-After, both forms), 5xx, timeouts, connection errors,
+invalid JSON and unexpected exceptions back off with the shared full-jitter back-off, and every
+one counts toward ``enrichment_max_attempts`` (so does a claim whose worker died: an item
+claimed more often than that ends without another fetch). 404 ends the item; so does a run id
+that cannot form a URL (``invalid_run_id``, nothing is sent). 401/403 end the item too and
+pause the worker, with one log line, instead of hammering the API.
 """
 
 from __future__ import annotations
@@ -21,13 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
@@ -35,6 +36,15 @@ from receiver.errors import ReceiverError
 from receiver.ingest import ArchiveEntry, store_parsed
 from receiver.ingest.payloads import parse_payload
 from receiver.ingest.store import RUN_OBJECT_FIELDS, StoreResult
+from receiver.runflow_api import (
+    ApiKeyRefused,
+    Fetched,
+    InvalidRunId,
+    RunflowApiError,
+    RunflowClient,
+    RunNotFound,
+    TransientApiError,
+)
 from receiver.settings import Settings
 from receiver.vocabulary import DeliverySource, SignatureVerdict
 
@@ -73,43 +83,6 @@ class LeaseLost(Exception):
     """Another worker claimed the item after this one's lease ran out."""
 
 
-class RateLimiter:
-    """At most ``rate`` acquisitions per second across this process's tasks."""
-
-    def __init__(self, rate: float) -> None:
-        self.interval = 1.0 / rate
-        self.next_at = time.monotonic()
-        self.lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self.lock:
-            now = time.monotonic()
-            wait = self.next_at - now
-            self.next_at = max(now, self.next_at) + self.interval
-        if wait > 0:
-            await asyncio.sleep(wait)
-
-
-def backoff_seconds(settings: Settings, attempts: int, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter; a server's Retry-After is a floor."""
-    ceiling = min(
-        settings.enrichment_backoff_max_seconds,
-        settings.enrichment_backoff_seconds * 2 ** max(0, attempts - 1),
-    )
-    delay = random.uniform(0, ceiling)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, settings.enrichment_backoff_max_seconds))
-    return delay
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 @dataclass
 class Outcome:
     """What one fetch ended as: done, retry later, or given up (with a reason)."""
@@ -124,62 +97,56 @@ class Enricher:
     """The queue worker: ``run`` until ``stop`` is set; ``drain`` for tests and one-shot use."""
 
     def __init__(
-        self, settings: Settings, engine: AsyncEngine, client: httpx.AsyncClient | None = None
+        self, settings: Settings, engine: AsyncEngine, client: RunflowClient | None = None
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.client = client or self.make_client(settings)
-        self.limiter = RateLimiter(settings.enrichment_rps)
+        self.client = client or RunflowClient(settings)
         self.paused_until = 0.0
-
-    @staticmethod
-    def make_client(settings: Settings) -> httpx.AsyncClient:
-        headers = {"authorization": f"Bearer {settings.runflow_api_key}"}
-        if settings.runflow_org_id:
-            headers["x-organization-id"] = settings.runflow_org_id
-        return httpx.AsyncClient(
-            base_url=settings.runflow_api_url.rstrip("/"),
-            headers=headers,
-            timeout=settings.enrichment_timeout_seconds,
-        )
 
     async def claim(self) -> tuple[str, int] | None:
         async with driver_connection(self.engine) as conn:
             row = await conn.fetchrow(_CLAIM, self.settings.enrichment_lease_seconds)
         return (row["run_id"], row["attempts"]) if row else None
 
-    async def fetch(self, run_id: str) -> tuple[Outcome, httpx.Response | None]:
-        await self.limiter.acquire()
+    async def fetch(self, run_id: str) -> tuple[Outcome, Fetched | None]:
         try:
-            response = await self.client.get(f"/v1/runs/{run_id}")
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
-            return Outcome("retry", f"{type(exc).__name__}: {exc}"), None
-        status = response.status_code
-        if status == 200:
-            return Outcome("done"), response
-        if status == 404:
-            return Outcome("failed", "not_found: Runflow has no such run"), response
-        if status in (401, 403):
-            return Outcome("failed", f"http_{status}: API key refused", pause=True), response
-        if status == 429 or status >= 500:
-            return Outcome("retry", f"http_{status}", _retry_after(response)), response
-        return Outcome("failed", f"http_{status}"), response
+            return Outcome("done"), await self.client.get_run(run_id)
+        except TransientApiError as error:
+            return Outcome("retry", error.reason, error.retry_after), None
+        except ApiKeyRefused as error:
+            return Outcome("failed", error.reason, pause=True), None
+        except (InvalidRunId, RunNotFound, RunflowApiError) as error:
+            return Outcome("failed", error.reason), None
 
     async def process(self, run_id: str, attempts: int) -> str:
         """Fetch and merge one claimed item; returns done, retry, failed or lost."""
-        outcome, response = await self.fetch(run_id)
+        limit = self.settings.enrichment_max_attempts
         try:
-            if outcome.kind == "done":
-                assert response is not None
-                try:
-                    await self.merge(run_id, attempts, response)
-                    return "done"
-                except (ReceiverError, ValueError) as exc:
-                    outcome = Outcome("failed", f"invalid_run_object: {exc}")
+            if attempts > limit:
+                # Claimed again after leases ran out without an outcome (a worker died on it):
+                # those claims were attempts too, so this item ends here instead of looping.
+                reason = f"attempts_exhausted: claimed {attempts} times without an outcome"
+                await self.give_up(run_id, attempts, reason)
+                return "failed"
+            try:
+                outcome, fetched = await self.fetch(run_id)
+                if outcome.kind == "done":
+                    assert fetched is not None
+                    try:
+                        await self.merge(run_id, attempts, fetched)
+                        return "done"
+                    except (ReceiverError, ValueError) as exc:
+                        outcome = Outcome("failed", f"invalid_run_object: {exc}")
+            except LeaseLost:
+                raise
+            except Exception as exc:  # counted toward the limit like every other failure
+                log.exception("enrichment of %s failed unexpectedly", run_id)
+                outcome = Outcome("retry", f"unexpected: {type(exc).__name__}: {exc}")
             if outcome.pause:
                 self.pause(outcome.reason)
-            if outcome.kind == "retry" and attempts < self.settings.enrichment_max_attempts:
-                delay = backoff_seconds(self.settings, attempts, outcome.retry_after)
+            if outcome.kind == "retry" and attempts < limit:
+                delay = self.client.backoff(attempts, outcome.retry_after)
                 await self.reschedule(run_id, attempts, delay, outcome.reason)
                 return "retry"
             await self.give_up(run_id, attempts, outcome.reason or "unknown")
@@ -201,9 +168,9 @@ class Enricher:
                 self.settings.enrichment_auth_pause_seconds,
             )
 
-    async def merge(self, run_id: str, attempts: int, response: httpx.Response) -> None:
-        body = response.content
-        document = orjson.loads(body)
+    async def merge(self, run_id: str, attempts: int, fetched: Fetched) -> None:
+        body = fetched.body
+        document = fetched.document
         if not isinstance(document, dict):
             raise ValueError("Runflow answered with something that is not a Run object")
         document.setdefault("id", run_id)
@@ -214,8 +181,8 @@ class Enricher:
             body,
             signature=SignatureVerdict.NOT_APPLICABLE,
             source=DeliverySource.ENRICHMENT,
-            request_id=response.headers.get("x-request-id"),
-            headers={"url": str(response.request.url)},
+            request_id=fetched.request_id,
+            headers={"url": fetched.url},
         )
 
         async def close_item(conn: Any, result: StoreResult) -> None:

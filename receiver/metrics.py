@@ -10,7 +10,8 @@ Two sources, each chosen for being exact with several uvicorn workers:
   row on every ingest transaction.
 - Read from PostgreSQL at scrape time (failures of the last 24 hours by code and stage,
   enrichment queue depth, states of enabled alert rules): the database already holds them
-  exactly, and the indexes make each read a few milliseconds. When the database cannot be
+  exactly, and the indexes make each read a few milliseconds. Reconciliation's totals and last
+  success are read from its state row the same way. When the database cannot be
   reached the scrape still answers, with the counters and ``runflow_receiver_database_up 0``:
   an outage is when the ``unavailable`` delivery count matters most.
 
@@ -42,6 +43,7 @@ from receiver import analytics
 from receiver.alerts.store import enabled_rule_states
 from receiver.db import DATABASE_DOWN
 from receiver.enrichment import queue_status
+from receiver.reconciliation import metric_families as reconcile_families
 from receiver.settings import Settings
 
 DELIVERIES = Counter(
@@ -125,7 +127,7 @@ async def database_families(settings: Settings, engine: AsyncEngine) -> list[Met
         group: dict[str, Any] = orjson.loads(row["group_key"])
         label = ",".join(f"{k}={v}" for k, v in sorted(group.items()))
         alert.add_metric([row["name"], label, row["state"]], 1)
-    return [failures, depth, oldest, failed, alert]
+    return [failures, depth, oldest, failed, alert, *await reconcile_families(settings, engine)]
 
 
 async def render(settings: Settings, engine: AsyncEngine) -> bytes:

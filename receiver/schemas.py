@@ -193,6 +193,22 @@ class EnrichmentStatus(_Out):
     oldest_pending_seconds: float | None
 
 
+class ReconciliationStatus(_Out):
+    enabled: bool
+    interval_seconds: float
+    lookback_seconds: float
+    stale_seconds: float
+    running: bool
+    watermark: datetime | None
+    last_started_at: datetime | None
+    last_finished_at: datetime | None
+    last_success_at: datetime | None
+    last_error: str | None
+    runs_imported: int
+    runs_refetched: int
+    passes: int
+
+
 class AlertState(_Out):
     group: dict[str, str | None]
     state: str

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     enrichment_lease_seconds: float = Field(default=60.0, gt=0)
     enrichment_poll_seconds: float = Field(default=1.0, gt=0)
     enrichment_auth_pause_seconds: float = Field(default=300.0, gt=0)
+    # Reconciliation (receiver.reconciliation): with an API key, one process at a time lists
+    # recent runs from Runflow and imports what callbacks never brought; 0 turns it off.
+    reconcile_interval_seconds: float = Field(default=300.0, ge=0)
+    reconcile_lookback_seconds: float = Field(default=86400.0, gt=0)
+    reconcile_stale_seconds: float = Field(default=1800.0, gt=0)
+    reconcile_page_size: int = Field(default=500, ge=1, le=500)
+    reconcile_refetch_limit: int = Field(default=200, ge=0, le=10000)
+    reconcile_lease_seconds: float = Field(default=120.0, gt=0)
 
     # Alerting.
     alert_rules_file: Path | None = None
@@ -70,6 +78,11 @@ class Settings(BaseSettings):
     def enrichment_enabled(self) -> bool:
         """This process runs enrichment worker tasks."""
         return self.enrichment_queueing and self.enrichment_concurrency > 0
+
+    @property
+    def reconcile_enabled(self) -> bool:
+        """A reconciler runs (in every process that runs background work; one pass at a time)."""
+        return bool(self.runflow_api_key) and self.reconcile_interval_seconds > 0
 
     @field_validator("signing_secrets", "api_tokens", mode="before")
     @classmethod

@@ -380,3 +380,36 @@ class AlertNotification(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime | None = _ts(nullable=False, default_now=True)
     sent_at: datetime | None = _ts()
+
+
+class ReconciliationState(SQLModel, table=True):
+    """The reconciler's lease, watermark and figures (see receiver.reconciliation)."""
+
+    __tablename__ = "reconciliation_state"
+
+    name: str = Field(sa_column=Column(Text, primary_key=True))
+    lease_owner: str | None = Field(default=None, sa_column=Column(Text))
+    lease_until: datetime | None = _ts()
+    watermark: datetime | None = _ts()
+    last_started_at: datetime | None = _ts()
+    last_finished_at: datetime | None = _ts()
+    last_success_at: datetime | None = _ts()
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    runs_imported: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
+    runs_refetched: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
+    passes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    updated_at: datetime | None = _ts(nullable=False, default_now=True)
+
+
+class ReconciliationCheck(SQLModel, table=True):
+    """When a stale run was last re-fetched from Runflow, and what came of it."""
+
+    __tablename__ = "reconciliation_checks"
+
+    run_id: str = Field(sa_column=Column(Text, primary_key=True))
+    checked_at: datetime | None = _ts(nullable=False)
+    outcome: str | None = Field(default=None, sa_column=Column(Text))

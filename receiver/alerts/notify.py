@@ -2,7 +2,8 @@
 
 Notifications are rows in ``alert_notifications``, written in the evaluator's transaction.
 Senders in every process claim them with SKIP LOCKED under a lease and POST them; failures back
-off exponentially and are recorded; nothing here is on the ingest path.
+off with the shared full-jitter back-off (``receiver.backoff``) and are recorded; nothing here
+is on the ingest path.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +18,7 @@ import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from receiver.backoff import full_jitter
 from receiver.db import driver_connection
 from receiver.ingest.signature import sign
 from receiver.settings import Settings
@@ -93,8 +94,8 @@ async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncC
         error = f"no answer within {settings.alert_timeout_seconds} s"
     attempts = row["attempts"]
     give_up = attempts >= settings.alert_max_attempts
-    delay = random.uniform(0.5, 1.0) * min(
-        settings.alert_backoff_max_seconds, settings.alert_backoff_seconds * 2 ** (attempts - 1)
+    delay = full_jitter(
+        attempts, base=settings.alert_backoff_seconds, cap=settings.alert_backoff_max_seconds
     )
     async with driver_connection(engine) as conn:
         await conn.execute(

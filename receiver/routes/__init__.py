@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from receiver.apidoc import Operation
-from receiver.routes import alerts, analytics, docs, enrichment, health, runs, webhooks
+from receiver.routes import (
+    alerts,
+    analytics,
+    docs,
+    enrichment,
+    health,
+    reconciliation,
+    runs,
+    webhooks,
+)
 
-MODULES = (alerts, webhooks, health, runs, analytics, enrichment, docs)
+MODULES = (alerts, webhooks, health, runs, analytics, enrichment, reconciliation, docs)
 
 
 def all_operations() -> list[Operation]:

@@ -1,4 +1,4 @@
-"""Backfill over several pages of a fake Runflow API, interrupted and resumed."""
+"""Backfill over several pages of Runflow's documented list API (fake), interrupted, resumed."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 from datetime import timedelta
 
 import asyncpg
+import httpx
 import pytest
 
 from receiver.backfill import BackfillError, backfill
@@ -78,3 +79,51 @@ async def test_a_malformed_listed_run_is_kept_as_rejected_and_the_backfill_goes_
     assert [r["cause"] for r in rejected] == ["invalid_payload"]
     assert b'"not a number"' in rejected[0]["body"]  # kept, so it can be replayed
     assert "bad" not in stored_ids
+
+
+async def test_backfill_pages_with_q_sort_by_limit_and_pq_and_imports_every_run_once(
+    db, database_url
+):
+    fake = FakeRunflow()
+    for i in range(12):
+        fake.runs[f"pg_{i:02d}"] = run_object(
+            f"pg_{i:02d}", created_at=iso(T0 + timedelta(minutes=i))
+        )
+    fake.runs["later"] = run_object("later", created_at=iso(T0 + timedelta(days=1)))
+    since, until = T0 - timedelta(hours=1), T0 + timedelta(hours=1)
+    with serve_fake(fake) as url:
+        settings = enrichment_settings(database_url, url)
+        counts = await backfill(
+            settings, db, since=since, until=until, page_size=5, out=io.StringIO()
+        )
+    assert counts["stored"] == 12
+    assert await stored_per_run(database_url) == {f"pg_{i:02d}": 1 for i in range(12)}
+    q = f"created_at>={since.isoformat()} AND created_at<{until.isoformat()}"
+    assert [sorted(query) for query in fake.list_queries] == [
+        ["limit", "q", "sort_by"],
+        ["limit", "pq", "q", "sort_by"],
+        ["limit", "pq", "q", "sort_by"],
+    ]
+    assert {query["q"] for query in fake.list_queries} == {q}
+    assert {query["sort_by"] for query in fake.list_queries} == {"created_at:asc"}
+    assert {query["limit"] for query in fake.list_queries} == {"5"}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"created_after": "2026-11-01T00:00:00+00:00"},
+        {"created_before": "2026-11-01T00:00:00+00:00"},
+        {"cursor": "5"},
+        {"limit": "501"},
+        {"q": "created_at>=2026-11-01T00:00:00+00:00 OR status_code=failed"},
+        {"sort_by": "created_at"},
+    ],
+)
+def test_the_fake_refuses_what_runflow_does_not_document(params):
+    fake = FakeRunflow()
+    with serve_fake(fake) as url:
+        answer = httpx.get(
+            f"{url}/v1/runs", params=params, headers={"authorization": "Bearer rf_test_key"}
+        )
+    assert answer.status_code == 400

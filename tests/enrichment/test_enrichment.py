@@ -374,3 +374,68 @@ async def test_killed_worker_loses_nothing_and_merges_each_run_once(
         database_url, "SELECT count(*) AS n FROM runs WHERE enriched_at IS NOT NULL"
     )
     assert enriched[0]["n"] == len(ids)
+
+
+async def test_a_traversal_run_id_is_fetched_as_one_encoded_segment(
+    enriching_client, fake, database_url
+):
+    client, settings, engine = enriching_client
+    sneaky = "../../admin/keys?dump=1#"
+    fake.runs[sneaky] = full_run(sneaky)
+    await post_delivery(client, envelope(sneaky, status="failed", output=None))
+    await drain(settings, engine)
+    assert fake.paths == ["/v1/runs/..%2F..%2Fadmin%2Fkeys%3Fdump%3D1%23"]
+    [item] = await fetch(database_url, "SELECT state FROM enrichment_queue")
+    assert item == {"state": "done"}
+    [run] = await fetch(database_url, "SELECT id, failure_code FROM runs")
+    assert run == {"id": sneaky, "failure_code": "out_of_memory"}
+
+
+async def test_a_run_id_that_cannot_form_a_url_ends_its_item_without_a_request(
+    enriching_client, fake, database_url
+):
+    client, settings, engine = enriching_client
+    response = await post_delivery(client, envelope("bad\x01id\n", status="failed", output=None))
+    assert response.status_code == 200
+    await drain(settings, engine)
+    [item] = await fetch(database_url, "SELECT state, attempts, last_error FROM enrichment_queue")
+    assert item["state"] == "failed" and item["attempts"] == 1
+    assert item["last_error"].startswith("invalid_run_id")
+    [run] = await fetch(database_url, "SELECT enrichment_error FROM runs")
+    assert run["enrichment_error"].startswith("invalid_run_id")
+    assert fake.paths == []
+
+
+async def test_broken_answers_count_toward_the_attempt_limit(enriching_client, fake, database_url):
+    client, settings, engine = enriching_client
+    fake.runs["flaky"] = full_run("flaky")
+    fake.fail_first, fake.fail_status, fake.retry_after = 1000, 503, None
+    await post_delivery(client, envelope("flaky", status="failed", output=None))
+    await drain(
+        enrichment_settings(database_url, settings.runflow_api_url, enrichment_max_attempts=3),
+        engine,
+    )
+    [item] = await fetch(database_url, "SELECT state, attempts, last_error FROM enrichment_queue")
+    assert item == {"state": "failed", "attempts": 3, "last_error": "http_503"}
+    assert fake.requests["flaky"] == 3
+
+
+async def test_an_item_whose_workers_kept_dying_ends_without_another_fetch(
+    enriching_client, fake, database_url
+):
+    client, settings, engine = enriching_client
+    fake.runs["poison"] = full_run("poison")
+    await post_delivery(client, envelope("poison", status="failed", output=None))
+    limit = settings.enrichment_max_attempts
+    # Every earlier claim's worker died before recording an outcome.
+    await fetch(database_url, "UPDATE enrichment_queue SET attempts = $1", limit)
+    enricher = Enricher(settings, engine)
+    try:
+        claimed = await enricher.claim()
+        assert claimed == ("poison", limit + 1)
+        assert await enricher.process(*claimed) == "failed"
+    finally:
+        await enricher.client.aclose()
+    [item] = await fetch(database_url, "SELECT state, last_error FROM enrichment_queue")
+    assert item["state"] == "failed" and item["last_error"].startswith("attempts_exhausted")
+    assert fake.requests["poison"] == 0
