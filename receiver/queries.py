@@ -163,7 +163,8 @@ async def run_deliveries(engine: AsyncEngine, run_id: str) -> list[dict[str, Any
     async with driver_connection(engine) as conn:
         rows = await conn.fetch(
             f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE run_id = $1"
-            " OR id IN (SELECT delivery_id FROM run_patches WHERE run_id = $1)"
+            " OR (id, received_at) IN"
+            " (SELECT delivery_id, received_at FROM run_deliveries WHERE run_id = $1)"
             " ORDER BY received_at, id",
             run_id,
         )

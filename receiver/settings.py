@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     # Pool size per worker process; two workers x this must stay under max_connections.
     db_pool_size: int = Field(default=10, ge=1, le=200)
+    # Group commit (receiver.ingest.batcher): the most deliveries one ingest transaction
+    # writes, and how many such transactions a worker keeps in flight.
+    ingest_batch_max: int = Field(default=64, ge=1, le=10000)
+    ingest_flushers: int = Field(default=2, ge=1, le=32)
     # Enrichment from Runflow's API: runs are queued whenever runflow_api_key is set; the
     # concurrency is this process's worker tasks (0: no worker here, e.g. an HTTP-only serve
     # next to separate `runflow-receiver worker` processes).

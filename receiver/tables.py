@@ -141,6 +141,8 @@ class Run(SQLModel, table=True):
     # 0003:
     enriched_at: datetime | None = _ts()
     enrichment_error: str | None = Field(default=None, sa_column=Column(Text))
+    # 0008: which rank supplied each non-null field (receiver.ingest.merge).
+    ranks: Any = _json()
 
 
 class Delivery(SQLModel, table=True):
@@ -196,16 +198,14 @@ class DeliveryFingerprint(SQLModel, table=True):
     received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
 
 
-class RunPatchRow(SQLModel, table=True):
-    """What one stored delivery said about one run; the merge folds these in rank order."""
+class RunDelivery(SQLModel, table=True):
+    """A delivery that touched a run its own row does not name (batch callbacks); 0008."""
 
-    __tablename__ = "run_patches"
+    __tablename__ = "run_deliveries"
 
     run_id: str = Field(sa_column=Column(Text, primary_key=True))
+    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
     delivery_id: int = Field(sa_column=Column(BigInteger, primary_key=True))
-    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
-    precedence: int = Field(sa_column=Column(SmallInteger, nullable=False))
-    patch: Any = Field(sa_column=Column(JSONB, nullable=False))
 
 
 class NodeRun(SQLModel, table=True):
@@ -225,6 +225,7 @@ class NodeRun(SQLModel, table=True):
     duration_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
     data: Any = _json()
     updated_at: datetime | None = _ts(nullable=False, default_now=True)
+    ranks: Any = _json()  # 0008
 
 
 class RunLog(SQLModel, table=True):
@@ -238,6 +239,7 @@ class RunLog(SQLModel, table=True):
     message: str | None = Field(default=None, sa_column=Column(Text))
     logged_at: datetime | None = _ts()
     data: Any = _json()
+    ranks: Any = _json()  # 0008
 
 
 class Batch(SQLModel, table=True):
@@ -262,6 +264,7 @@ class Batch(SQLModel, table=True):
     delivery_count: int = Field(
         default=0, sa_column=Column(Integer, nullable=False, server_default="0")
     )
+    ranks: Any = _json()  # 0008
 
 
 class EnrichmentItem(SQLModel, table=True):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from receiver.vocabulary import TERMINAL_RANK, precedence
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,80 @@ def fold_run(patches: Iterable[StoredPatch]) -> MergedRun:
         last_received_at=max(received),
         delivery_count=len(ordered),
     )
+
+
+# --- the same rules, incrementally: bounded work per delivery -----------------------------
+#
+# A stored row keeps, next to its values, which rank supplied each non-null field: a short
+# list of ``[level, has_completed, completed_us, received_us, delivery_id, mask]`` entries,
+# one per distinct rank that still owns a field, ``mask`` the bits (positions in the table's
+# field tuple) of the fields it owns. A new payload's non-null field replaces the stored one
+# exactly when the payload outranks the field's owner. The result is the fold's, field by
+# field: each field holds the value of the highest-ranked payload that carried it, whatever
+# the order the payloads arrived in; the cost is the number of fields, not the history.
+
+Rank = tuple[int, int, int, int, int]
+RankEntries = list[list[int]]
+
+
+def _micros(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def payload_rank(
+    status: str | None,
+    completed_at: datetime | None,
+    received_at: datetime,
+    delivery_id: int,
+) -> Rank:
+    """The rank of one payload: as :func:`rank_key`, in integers (microseconds) for storage."""
+    level = precedence(status)
+    if level == TERMINAL_RANK and isinstance(completed_at, datetime):
+        has_completed, completed = 1, _micros(completed_at)
+    else:
+        has_completed, completed = 0, 0
+    return (level, has_completed, completed, _micros(received_at), delivery_id)
+
+
+def merge_fields(
+    entries: RankEntries | None,
+    fields: Mapping[str, Any],
+    rank: Rank,
+    bits: Mapping[str, int],
+) -> tuple[dict[str, Any], RankEntries]:
+    """The fields of ``fields`` that win against the stored owners, and the new rank entries.
+
+    ``bits`` maps each ranked field to its bit; fields not in it are ignored. A null never
+    wins (it never erases). Entries are not modified in place.
+    """
+    current = [list(entry) for entry in entries or []]
+    winners: dict[str, Any] = {}
+    taken = 0
+    for name, value in fields.items():
+        bit = bits.get(name)
+        if bit is None or value is None:
+            continue
+        mask = 1 << bit
+        owner = next((entry for entry in current if entry[5] & mask), None)
+        if owner is not None and tuple(owner[:5]) > rank:
+            continue
+        if owner is not None:
+            owner[5] &= ~mask
+        winners[name] = value
+        taken |= mask
+    if taken:
+        mine = next((entry for entry in current if tuple(entry[:5]) == rank), None)
+        if mine is None:
+            current.append([*rank, taken])
+        else:
+            mine[5] |= taken
+    return winners, [entry for entry in current if entry[5]]
+
+
+def owned_fields(entries: RankEntries | None, bits: Mapping[str, int]) -> set[str]:
+    """The fields the entries say are non-null."""
+    mask = 0
+    for entry in entries or []:
+        mask |= entry[5]
+    return {name for name, bit in bits.items() if mask & (1 << bit)}

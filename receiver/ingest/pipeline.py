@@ -26,6 +26,7 @@ from receiver.errors import (
 )
 from receiver.ingest import store
 from receiver.ingest.archive import ArchiveEntry, RawDelivery, archive_entry
+from receiver.ingest.batcher import batcher_for, write_items
 from receiver.ingest.payloads import ParsedPayload, parse_payload
 from receiver.ingest.signature import verify_signature
 from receiver.ingest.store import StoreResult
@@ -129,15 +130,14 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         parsed = parse_body(raw.content_type, raw.body)
     except ReceiverError as error:
         raise await archive_rejection(engine, entry, error) from None
-    enrich = settings.enrichment_queueing
     try:
-        result = await store_parsed(engine, entry, parsed, enrich=enrich)
+        result = await _store(engine, settings, entry, parsed)
     except CONNECTION_LOST as exc:
         # A pooled connection died (database restart, failover). Trying once more on a fresh
         # one is safe even if the first commit went through: the fingerprint makes the second
         # attempt a duplicate, and the delivery is durable either way.
         log.warning("connection lost while storing (%s); retrying once", type(exc).__name__)
-        result = await store_parsed(engine, entry, parsed, enrich=enrich)
+        result = await _store(engine, settings, entry, parsed)
     if result.outcome == DeliveryOutcome.REJECTED:
         rejection = InvalidPayload(
             (result.cause_detail or {}).get("message", "payload rejected"),
@@ -163,87 +163,19 @@ async def store_parsed(
     API; ``also`` runs more statements in the same transaction (the enrichment worker marks
     its queue item done there, so a merge and its bookkeeping commit together or not at all).
     """
-    async with driver_connection(engine) as conn, conn.transaction():
-        result = await _store(conn, entry, parsed, replay_of, enrich)
-        if also is not None:
-            await also(conn, result)
-        return result
+    item = store.Item(entry, parsed, replay_of=replay_of, enrich=enrich)
+    (result,) = await write_items(engine, [item], also=also)
+    return result
 
 
 async def _store(
-    conn: Any, entry: ArchiveEntry, parsed: ParsedPayload, replay_of: int | None, enrich: bool
+    engine: AsyncEngine, settings: Settings, entry: ArchiveEntry, parsed: ParsedPayload
 ) -> StoreResult:
-    assert entry.body_sha256 is not None
-
-    async def record(result: StoreResult, keep_body: bool) -> StoreResult:
-        if replay_of is not None:
-            await store.update_delivery(conn, replay_of, result, parsed.kind)
-            result.delivery_id = replay_of
-        else:
-            result.delivery_id = await store.insert_delivery(
-                conn,
-                entry,
-                delivery_id=result.delivery_id or None,
-                outcome=result.outcome,
-                keep_body=keep_body,
-                cause=result.cause,
-                cause_detail=result.cause_detail,
-                kind=parsed.kind,
-                run_id=result.run_id,
-                batch_id=result.batch_id,
-                duplicate_of=result.duplicate_of,
-            )
-        return result
-
-    run_id = parsed.run_id
-    lookup = parsed.runs[0].client_ref_lookup if parsed.kind == "run_object" else None
-    if lookup is not None:
-        matches = await store.runs_with_client_ref(conn, lookup)
-        if len(matches) != 1:
-            why = "no stored run has" if not matches else "several stored runs have"
-            detail = {
-                "message": f"payload has no id and {why} client_ref {lookup!r}",
-                "details": [{"loc": "client_ref", "msg": "unresolved client_ref"}],
-            }
-            return await record(
-                StoreResult(
-                    DeliveryOutcome.REJECTED, 0, cause=InvalidPayload.code, cause_detail=detail
-                ),
-                keep_body=True,
-            )
-        run_id = matches[0]
-        parsed.runs[0].run_id = run_id
-
-    owner = await store.claim_fingerprint(conn, entry.body_sha256, entry.received_at, replay_of)
-    if owner is None:
-        original = await store.fingerprint_owner(conn, entry.body_sha256)
-        result = StoreResult(
-            DeliveryOutcome.DUPLICATE,
-            0,
-            run_id=run_id,
-            batch_id=parsed.batch_id,
-            duplicate_of=original,
-        )
-        # The same bytes are already kept once: the duplicate's row records the request only.
-        return await record(result, keep_body=False)
-
-    result = await record(
-        StoreResult(DeliveryOutcome.STORED, owner, run_id=run_id, batch_id=parsed.batch_id),
-        keep_body=True,
+    """A webhook delivery, written with the others in flight in this worker (group commit)."""
+    batcher = batcher_for(
+        engine, batch_max=settings.ingest_batch_max, flushers=settings.ingest_flushers
     )
-    patches = [(patch.run_id, patch.fields) for patch in parsed.runs if patch.run_id]
-    if patches:
-        merged = await store.merge_patches(
-            conn, delivery_id=result.delivery_id, received_at=entry.received_at, patches=patches
-        )
-        result.reached_terminal = merged.reached_terminal
-        if enrich and merged.envelope_only:
-            await store.enqueue_enrichment(conn, merged.envelope_only)
-    if run_id is not None:
-        await store.upsert_children(conn, run_id, parsed)
-    if parsed.batch is not None:
-        await store.upsert_batch(conn, parsed.batch, entry.received_at)
-    return result
+    return await batcher.submit(store.Item(entry, parsed, enrich=settings.enrichment_queueing))
 
 
 async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False) -> StoreResult:

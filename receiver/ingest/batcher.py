@@ -1,0 +1,167 @@
+"""Group commit: the deliveries in flight in one worker are written in one transaction.
+
+Each delivery waits for the commit of the batch it rode in, so a 2xx still leaves only once
+the delivery is durable. A flusher takes whatever is queued (up to ``batch_max``) as soon as
+it is free; ``flushers`` of them run at once per worker, so one batch commits while the next
+fills. No timer: an idle receiver writes a lone delivery at once.
+
+One bad item must not fail its neighbours: when a batch's transaction fails, its items are
+written again one by one, each in its own transaction, and only an item that still fails sees
+the error. Deadlocks and serialization failures are retried a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from receiver.db import driver_connection
+from receiver.ingest import store
+from receiver.ingest.store import Item, StoreResult
+
+log = logging.getLogger(__name__)
+
+# 40P01 deadlock_detected, 40001 serialization_failure: the transaction can simply run again.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+ATTEMPTS = 4
+
+Also = Callable[[Any, StoreResult], Awaitable[None]]
+
+
+async def write_items(
+    engine: AsyncEngine, items: Sequence[Item], *, also: Also | None = None
+) -> list[StoreResult]:
+    """Store ``items`` in one transaction (retried on deadlock or serialization failure).
+
+    ``also`` runs more statements in the same transaction with the first item's result.
+    """
+    for attempt in range(ATTEMPTS):
+        try:
+            async with driver_connection(engine) as conn, conn.transaction():
+                results = await store.store_items(conn, items)
+                if also is not None:
+                    await also(conn, results[0])
+                return results
+        except RETRYABLE as exc:
+            if attempt == ATTEMPTS - 1:
+                raise
+            log.warning("ingest transaction retried after %s", type(exc).__name__)
+            await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class _Pending:
+    item: Item
+    future: asyncio.Future[StoreResult]
+
+
+@dataclass
+class Batcher:
+    """One per engine and event loop (see :func:`batcher_for`)."""
+
+    engine: AsyncEngine
+    loop: asyncio.AbstractEventLoop | None = None
+    batch_max: int = 64
+    flushers: int = 2
+    queue: deque[_Pending] = field(default_factory=deque)
+    active: int = 0
+    batches: int = 0  # committed batches, for tests and metrics
+    largest: int = 0
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def submit(self, item: Item) -> StoreResult:
+        """Store one delivery with whatever else is in flight; returns once it committed."""
+        future: asyncio.Future[StoreResult] = asyncio.get_running_loop().create_future()
+        self.queue.append(_Pending(item, future))
+        if self.active < self.flushers:
+            self.active += 1
+            task = asyncio.create_task(self._flush_loop())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _flush_loop(self) -> None:
+        try:
+            while self.queue:
+                count = min(len(self.queue), self.batch_max)
+                batch = [self.queue.popleft() for _ in range(count)]
+                await self._flush(batch)
+        finally:
+            self.active -= 1
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            try:
+                results = await write_items(self.engine, [p.item for p in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    _fail(batch[0], exc)
+                    return
+                log.warning(
+                    "a batch of %d deliveries failed (%s); writing them one by one",
+                    len(batch),
+                    type(exc).__name__,
+                )
+                for pending in batch:
+                    try:
+                        (result,) = await write_items(self.engine, [pending.item])
+                    except Exception as item_exc:
+                        _fail(pending, item_exc)
+                    else:
+                        _settle(pending, result)
+                return
+            self.batches += 1
+            self.largest = max(self.largest, len(batch))
+            for pending, result in zip(batch, results, strict=True):
+                _settle(pending, result)
+        except BaseException as exc:  # cancelled mid-flush: nobody may wait forever
+            for pending in batch:
+                _fail(pending, exc)
+            raise
+
+
+def _settle(pending: _Pending, result: StoreResult) -> None:
+    if not pending.future.done():  # the request may have gone (client disconnect)
+        pending.future.set_result(result)
+
+
+def _fail(pending: _Pending, exc: BaseException) -> None:
+    if not pending.future.done():
+        if isinstance(exc, asyncio.CancelledError):
+            pending.future.cancel()
+        else:
+            pending.future.set_exception(exc)
+
+
+_BATCHERS: weakref.WeakKeyDictionary[AsyncEngine, dict[int, Batcher]] = weakref.WeakKeyDictionary()
+
+
+def batcher_for(engine: AsyncEngine, *, batch_max: int, flushers: int) -> Batcher:
+    """The batcher of this engine on the running event loop."""
+    loop = asyncio.get_running_loop()
+    per_loop = _BATCHERS.setdefault(engine, {})
+    batcher = per_loop.get(id(loop))
+    if (
+        batcher is None
+        or batcher.loop is not loop
+        or batcher.batch_max != batch_max
+        or batcher.flushers != flushers
+    ):
+        if len(per_loop) > 8:  # loops come and go in tests; keep the map small
+            per_loop.clear()
+        batcher = Batcher(engine, loop, batch_max=batch_max, flushers=flushers)
+        per_loop[id(loop)] = batcher
+    return batcher
