@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.errors import ReceiverError
-from receiver.ingest import ArchiveEntry, store_parsed
+from receiver.ingest import ArchiveEntry, store, store_parsed
 from receiver.ingest.payloads import parse_payload
 from receiver.ingest.store import RUN_OBJECT_FIELDS, StoreResult
 from receiver.runflow_api import (
@@ -67,13 +67,14 @@ RETURNING q.run_id, q.attempts
 
 
 # Runs that lack every Run-object field (the same test as at ingest) and were never queued.
-# Sorted like the ingest enqueue, so the two never wait on each other's rows in a cycle.
+# Sorted like the ingest enqueue (byte order: COLLATE "C" here, ``store.byte_order`` there),
+# so the two never wait on each other's rows in a cycle.
 _SWEEP = f"""
 INSERT INTO enrichment_queue (run_id)
 SELECT r.id FROM runs r
 WHERE {" AND ".join(f"r.{name} IS NULL" for name in RUN_OBJECT_FIELDS)}
   AND NOT EXISTS (SELECT 1 FROM enrichment_queue q WHERE q.run_id = r.id)
-ORDER BY r.id
+ORDER BY r.id COLLATE "C"
 ON CONFLICT (run_id) DO NOTHING
 """
 _SWEEP_LOCK = 0x5E0F_E4C4  # advisory lock: one sweep at a time across processes
@@ -220,6 +221,11 @@ class Enricher:
 
     async def give_up(self, run_id: str, attempts: int, reason: str) -> None:
         async with driver_connection(self.engine) as conn, conn.transaction():
+            # The ingest order: the run's bucket lock, the run row, then its queue row.
+            await store.lock_runs(conn, [run_id])
+            await conn.execute(
+                "UPDATE runs SET enrichment_error = $2 WHERE id = $1", run_id, reason
+            )
             status = await conn.execute(
                 "UPDATE enrichment_queue SET state = 'failed', locked_until = NULL,"
                 " last_error = $3, updated_at = now()"
@@ -230,9 +236,6 @@ class Enricher:
             )
             if status == "UPDATE 0":
                 raise LeaseLost(run_id)
-            await conn.execute(
-                "UPDATE runs SET enrichment_error = $2 WHERE id = $1", run_id, reason
-            )
         log.warning("enrichment of %s ended: %s", run_id, reason)
 
     async def _task(self, stop: asyncio.Event) -> None:
