@@ -15,6 +15,9 @@ own ``deliveries`` row). It holds ``received_at`` beside the delivery id so a lo
 a ``deliveries`` table partitioned by received time; nothing references ``deliveries`` by
 foreign key.
 
+``ingest_lock_and_load`` takes a batch's bucket locks and reads the ranks of the rows it
+touches in one round trip (see ``receiver.ingest.store``).
+
 Node runs and logs kept their fields twice, as columns and again in ``data``; ``data`` now
 holds only what no column holds.
 
@@ -177,6 +180,33 @@ def upgrade() -> None:
         f"UPDATE run_logs SET data = NULLIF(data - ARRAY[{log_keys}], '{{}}'::jsonb)"
         " WHERE data IS NOT NULL"
     )
+    op.execute(LOCK_AND_LOAD)
+
+
+# Locks, then reads, in one round trip. A VOLATILE function takes a fresh snapshot for each
+# statement, so the read sees whatever the previous holders of these locks committed.
+LOCK_AND_LOAD = """
+CREATE FUNCTION ingest_lock_and_load(
+    space int, buckets int[], run_ids text[], node_ids text[], log_ids text[], batch_ids text[]
+) RETURNS TABLE (t text, id text, status text, ranks jsonb)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    bucket int;
+BEGIN
+    FOREACH bucket IN ARRAY buckets LOOP
+        PERFORM pg_advisory_xact_lock(space, bucket);
+    END LOOP;
+    RETURN QUERY
+        SELECT 'r'::text, r.id, r.status, r.ranks FROM runs r WHERE r.id = ANY(run_ids)
+        UNION ALL
+        SELECT 'n'::text, n.id, NULL::text, n.ranks FROM node_runs n WHERE n.id = ANY(node_ids)
+        UNION ALL
+        SELECT 'l'::text, l.id, NULL::text, l.ranks FROM run_logs l WHERE l.id = ANY(log_ids)
+        UNION ALL
+        SELECT 'b'::text, b.id, NULL::text, b.ranks FROM batches b WHERE b.id = ANY(batch_ids);
+END
+$$
+"""
 
 
 def _json(value: Any) -> str:
@@ -186,6 +216,7 @@ def _json(value: Any) -> str:
 
 
 def downgrade() -> None:
+    op.execute("DROP FUNCTION ingest_lock_and_load(int, int[], text[], text[], text[], text[])")
     op.create_table(
         "run_patches",
         sa.Column("run_id", sa.Text(), nullable=False),

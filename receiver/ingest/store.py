@@ -146,16 +146,20 @@ _BATCH_TYPES: Mapping[str, str] = {
 }
 
 
-def _unnest(columns: Sequence[tuple[str, str]]) -> tuple[str, str]:
-    """``unnest($1::t1[], ...) AS u(c1, ...)`` and the select list casting jsonb back."""
+def _unnest(
+    columns: Sequence[tuple[str, str]], start: int = 1, *, ordinality: bool = False
+) -> tuple[str, str]:
+    """``unnest($1::t1[], ...) AS u(c1, ...)`` and the select list casting jsonb back;
+    ``ordinality`` numbers the rows (column ``ord``)."""
     args = ", ".join(
-        f"${i}::{'text' if kind == _JSON else kind}[]" for i, (_, kind) in enumerate(columns, 1)
+        f"${i}::{'text' if kind == _JSON else kind}[]" for i, (_, kind) in enumerate(columns, start)
     )
-    names = ", ".join(name for name, _ in columns)
+    names = ", ".join([*(name for name, _ in columns), *(["ord"] if ordinality else [])])
     select = ", ".join(
         f"u.{name}::jsonb" if kind == _JSON else f"u.{name}" for name, kind in columns
     )
-    return f"unnest({args}) AS u({names})", select
+    ordered = " WITH ORDINALITY" if ordinality else ""
+    return f"unnest({args}){ordered} AS u({names})", select
 
 
 def _upsert_sql(
@@ -163,10 +167,11 @@ def _upsert_sql(
     columns: Sequence[tuple[str, str]],
     merged: Sequence[str],
     extra_sets: Sequence[str],
+    start: int = 1,
 ) -> str:
     """INSERT ... SELECT FROM unnest ON CONFLICT (id): merged columns keep the stored value
     where the batch sent null (a field the delivery did not win), others as ``extra_sets``."""
-    source, select = _unnest(columns)
+    source, select = _unnest(columns, start)
     sets = [f"{name} = COALESCE(EXCLUDED.{name}, {table}.{name})" for name in merged]
     return (
         f"INSERT INTO {table} ({', '.join(name for name, _ in columns)})"
@@ -183,26 +188,11 @@ _RUN_COLUMNS = (
     ("delivery_count", "integer"),
     ("ranks", _JSON),
 )
-_UPSERT_RUNS = _upsert_sql(
-    "runs",
-    _RUN_COLUMNS,
-    RUN_FIELDS,
-    (
-        "first_received_at = LEAST(runs.first_received_at, EXCLUDED.first_received_at)",
-        "last_received_at = GREATEST(runs.last_received_at, EXCLUDED.last_received_at)",
-        "delivery_count = runs.delivery_count + EXCLUDED.delivery_count",
-        "ranks = EXCLUDED.ranks",
-        "updated_at = now()",
-    ),
-)
 _NODE_COLUMNS = (
     ("id", "text"),
     ("run_id", "text"),
     *((name, _NODE_TYPES[name]) for name in NODE_FIELDS),
     ("ranks", _JSON),
-)
-_UPSERT_NODES = _upsert_sql(
-    "node_runs", _NODE_COLUMNS, NODE_FIELDS, ("ranks = EXCLUDED.ranks", "updated_at = now()")
 )
 _LOG_COLUMNS = (
     ("id", "text"),
@@ -210,7 +200,6 @@ _LOG_COLUMNS = (
     *((name, _LOG_TYPES[name]) for name in LOG_FIELDS),
     ("ranks", _JSON),
 )
-_UPSERT_LOGS = _upsert_sql("run_logs", _LOG_COLUMNS, LOG_FIELDS, ("ranks = EXCLUDED.ranks",))
 _BATCH_COLUMNS = (
     ("id", "text"),
     *((name, _BATCH_TYPES[name]) for name in BATCH_FIELDS),
@@ -220,64 +209,123 @@ _BATCH_COLUMNS = (
     ("delivery_count", "integer"),
     ("ranks", _JSON),
 )
-_UPSERT_BATCHES = _upsert_sql(
-    "batches",
-    _BATCH_COLUMNS,
-    BATCH_FIELDS,
-    (
-        "precedence = GREATEST(batches.precedence, EXCLUDED.precedence)",
-        "first_received_at = LEAST(batches.first_received_at, EXCLUDED.first_received_at)",
-        "last_received_at = GREATEST(batches.last_received_at, EXCLUDED.last_received_at)",
-        "delivery_count = batches.delivery_count + EXCLUDED.delivery_count",
-        "ranks = EXCLUDED.ranks",
-    ),
+_LINK_COLUMNS = (("run_id", "text"), ("received_at", "timestamptz"), ("delivery_id", "bigint"))
+_N_RUN, _N_NODE, _N_LOG, _N_BATCH = (
+    len(_RUN_COLUMNS),
+    len(_NODE_COLUMNS),
+    len(_LOG_COLUMNS),
+    len(_BATCH_COLUMNS),
 )
-
-# Fingerprints and ids for a whole batch in one statement. ``u`` is materialised (it calls
-# nextval), so each item keeps one id; the same bytes twice in the batch: the first claims.
-# ``f`` reads the snapshot before this statement: the owner of bytes accepted earlier.
-_CLAIM = """
-WITH u AS MATERIALIZED (
-    SELECT ord, sha, recv, COALESCE(rid, nextval('deliveries_id_seq')) AS id
-    FROM unnest($1::bytea[], $2::timestamptz[], $3::bigint[]) WITH ORDINALITY AS u(sha, recv, rid, ord)
-), ins AS (
-    INSERT INTO delivery_fingerprints (body_sha256, delivery_id, received_at)
-    SELECT sha, id, recv FROM u WHERE sha IS NOT NULL ORDER BY ord
-    ON CONFLICT (body_sha256) DO NOTHING
-    RETURNING body_sha256, delivery_id
+_link_source, _ = _unnest(_LINK_COLUMNS, 1 + _N_RUN + _N_NODE + _N_LOG + _N_BATCH)
+_ENQUEUE_ARG = 1 + _N_RUN + _N_NODE + _N_LOG + _N_BATCH + len(_LINK_COLUMNS)
+# Every merged row of a batch in one statement: runs, node runs, logs, batches, batch-item
+# links and the enrichment queue, each an upsert over unnest (empty arrays write nothing).
+# Rows go in byte order of their keys; the bucket locks already order writers of one run.
+_WRITE = f"""
+WITH r AS ({
+    _upsert_sql(
+        "runs",
+        _RUN_COLUMNS,
+        RUN_FIELDS,
+        (
+            "first_received_at = LEAST(runs.first_received_at, EXCLUDED.first_received_at)",
+            "last_received_at = GREATEST(runs.last_received_at, EXCLUDED.last_received_at)",
+            "delivery_count = runs.delivery_count + EXCLUDED.delivery_count",
+            "ranks = EXCLUDED.ranks",
+            "updated_at = now()",
+        ),
+    )
+}), n AS ({
+    _upsert_sql(
+        "node_runs",
+        _NODE_COLUMNS,
+        NODE_FIELDS,
+        ("ranks = EXCLUDED.ranks", "updated_at = now()"),
+        1 + _N_RUN,
+    )
+}), l AS ({
+    _upsert_sql(
+        "run_logs", _LOG_COLUMNS, LOG_FIELDS, ("ranks = EXCLUDED.ranks",), 1 + _N_RUN + _N_NODE
+    )
+}), b AS ({
+    _upsert_sql(
+        "batches",
+        _BATCH_COLUMNS,
+        BATCH_FIELDS,
+        (
+            "precedence = GREATEST(batches.precedence, EXCLUDED.precedence)",
+            "first_received_at = LEAST(batches.first_received_at, EXCLUDED.first_received_at)",
+            "last_received_at = GREATEST(batches.last_received_at, EXCLUDED.last_received_at)",
+            "delivery_count = batches.delivery_count + EXCLUDED.delivery_count",
+            "ranks = EXCLUDED.ranks",
+        ),
+        1 + _N_RUN + _N_NODE + _N_LOG,
+    )
+}), k AS (
+    INSERT INTO run_deliveries (run_id, received_at, delivery_id)
+    SELECT * FROM {_link_source} ON CONFLICT DO NOTHING
+), q AS (
+    INSERT INTO enrichment_queue (run_id) SELECT unnest(${_ENQUEUE_ARG}::text[])
+    ON CONFLICT (run_id) DO NOTHING
 )
-SELECT u.id, COALESCE(ins.delivery_id = u.id, false) AS claimed,
-    COALESCE(f.delivery_id, ins.delivery_id) AS owner
-FROM u
-LEFT JOIN ins ON ins.body_sha256 = u.sha
-LEFT JOIN delivery_fingerprints f ON f.body_sha256 = u.sha
-ORDER BY u.ord
-"""  # noqa: E501
+SELECT 1
+"""
 
+
+# Fingerprints, ids and archive rows for a whole batch in one statement. ``u`` is
+# materialised (it calls nextval), so each item keeps one id. ``pre`` is an outcome decided
+# before (``rejected``: an unresolved client_ref); the others claim their body's hash, and the
+# same bytes twice in the batch: the first claims. ``f`` reads the snapshot before this
+# statement: the owner of bytes accepted earlier. Replays (``rid``) keep their archive row.
 _DELIVERY_COLUMNS = (
-    ("id", "bigint"),
-    ("received_at", "timestamptz"),
+    ("sha", "bytea"),
+    ("recv", "timestamptz"),
+    ("rid", "bigint"),
+    ("pre", "text"),
     ("request_id", "text"),
     ("headers", _JSON),
     ("content_type", "text"),
     ("body", "bytea"),
-    ("body_sha256", "bytea"),
     ("body_size", "bigint"),
     ("signature", "text"),
-    ("outcome", "text"),
     ("cause", "text"),
     ("cause_detail", _JSON),
     ("kind", "text"),
     ("run_id", "text"),
     ("batch_id", "text"),
-    ("duplicate_of", "bigint"),
     ("source", "text"),
 )
-_source, _select = _unnest(_DELIVERY_COLUMNS)
-_INSERT_DELIVERIES = (
-    f"INSERT INTO deliveries ({', '.join(name for name, _ in _DELIVERY_COLUMNS)})"
-    f" SELECT {_select} FROM {_source}"
+_claim_source, _ = _unnest(_DELIVERY_COLUMNS, ordinality=True)
+_ARCHIVE = f"""
+WITH u AS MATERIALIZED (
+    SELECT u.*, COALESCE(u.rid, nextval('deliveries_id_seq')) AS id
+    FROM {_claim_source}
+), ins AS (
+    INSERT INTO delivery_fingerprints (body_sha256, delivery_id, received_at)
+    SELECT sha, id, recv FROM u WHERE pre IS NULL ORDER BY ord
+    ON CONFLICT (body_sha256) DO NOTHING
+    RETURNING body_sha256, delivery_id
+), v AS (
+    SELECT u.*,
+        CASE WHEN u.pre IS NOT NULL THEN u.pre
+             WHEN ins.delivery_id = u.id THEN 'stored' ELSE 'duplicate' END AS outcome,
+        COALESCE(f.delivery_id, ins.delivery_id) AS owner
+    FROM u
+    LEFT JOIN ins ON u.pre IS NULL AND ins.body_sha256 = u.sha
+    LEFT JOIN delivery_fingerprints f ON u.pre IS NULL AND f.body_sha256 = u.sha
+), d AS (
+    INSERT INTO deliveries (
+        id, received_at, request_id, headers, content_type, body, body_sha256, body_size,
+        signature, outcome, cause, cause_detail, kind, run_id, batch_id, duplicate_of, source
+    )
+    SELECT id, recv, request_id, headers::jsonb, content_type,
+        CASE WHEN outcome = 'duplicate' THEN NULL ELSE body END, sha, body_size, signature,
+        outcome, cause, cause_detail::jsonb, kind, run_id, batch_id,
+        CASE WHEN outcome = 'duplicate' THEN owner END, source
+    FROM v WHERE rid IS NULL
 )
+SELECT id, outcome, CASE WHEN outcome = 'duplicate' THEN owner END AS owner FROM v ORDER BY ord
+"""
 
 _INSERT_DELIVERY = """
 INSERT INTO deliveries (
@@ -302,25 +350,10 @@ _LOCK = (
     " AS u(b, ord)"
 )
 
-# What the merge needs of the touched rows: their ranks (and a run's status, to tell a
-# terminal transition). One statement for the four tables.
-_LOAD = """
-SELECT 'r' AS t, id, status, ranks FROM runs WHERE id = ANY($1::text[])
-UNION ALL SELECT 'n', id, NULL, ranks FROM node_runs WHERE id = ANY($2::text[])
-UNION ALL SELECT 'l', id, NULL, ranks FROM run_logs WHERE id = ANY($3::text[])
-UNION ALL SELECT 'b', id, NULL, ranks FROM batches WHERE id = ANY($4::text[])
-"""
-
-_LINK = """
-INSERT INTO run_deliveries (run_id, received_at, delivery_id)
-SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bigint[])
-ON CONFLICT DO NOTHING
-"""
-
-_ENQUEUE = (
-    "INSERT INTO enrichment_queue (run_id) SELECT unnest($1::text[])"
-    " ON CONFLICT (run_id) DO NOTHING"
-)
+# The bucket locks, then what the merge needs of the touched rows (their ranks, and a run's
+# status to tell a terminal transition), in one round trip: ``ingest_lock_and_load`` (0008)
+# takes the locks in the order given and reads with a snapshot taken after them.
+_LOCK_AND_LOAD = "SELECT t, id, status, ranks FROM ingest_lock_and_load($1, $2, $3, $4, $5, $6)"
 
 
 def lock_buckets(keys: Iterable[str]) -> list[int]:
@@ -462,7 +495,7 @@ def _column_arrays(
 
 async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
     """Archive and merge deliveries in the caller's transaction; one result per item."""
-    results: list[StoreResult | None] = [None] * len(items)
+    rejected: dict[int, StoreResult] = {}
     # 1. A Run object with only a client_ref names the run through the stored runs.
     for index, item in enumerate(items):
         patch = item.parsed.runs[0] if item.parsed.kind == "run_object" else None
@@ -471,75 +504,51 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
             if len(matches) == 1:
                 patch.run_id = matches[0]
             else:
-                results[index] = _unresolved(patch.client_ref_lookup, matches)
+                rejected[index] = _unresolved(patch.client_ref_lookup, matches)
 
-    # 2. Fingerprints and delivery ids, the whole batch in one statement.
-    claims = await conn.fetch(
-        _CLAIM,
-        [None if results[i] else item.entry.body_sha256 for i, item in enumerate(items)],
-        [item.entry.received_at for item in items],
-        [item.replay_of for item in items],
-    )
+    # 2. Fingerprints, delivery ids and archive rows, the whole batch in one statement.
+    rows = []
+    for index, item in enumerate(items):
+        entry, parsed, refusal = item.entry, item.parsed, rejected.get(index)
+        rows.append(
+            {
+                "sha": entry.body_sha256,
+                "recv": entry.received_at,
+                "rid": item.replay_of,
+                "pre": None if refusal is None else refusal.outcome,
+                "request_id": entry.request_id,
+                "headers": entry.headers,
+                "content_type": entry.content_type,
+                "body": entry.body,
+                "body_size": entry.body_size,
+                "signature": entry.signature,
+                "cause": None if refusal is None else refusal.cause,
+                "cause_detail": None if refusal is None else refusal.cause_detail,
+                "kind": parsed.kind,
+                "run_id": None if refusal is not None else parsed.run_id,
+                "batch_id": None if refusal is not None else parsed.batch_id,
+                "source": entry.source,
+            }
+        )
+    answers = await conn.fetch(_ARCHIVE, *_column_arrays(_DELIVERY_COLUMNS, rows))
+    done: list[StoreResult] = []
     stored: list[int] = []
-    for index, (item, claim) in enumerate(zip(items, claims, strict=True)):
-        parsed = item.parsed
-        result = results[index]
-        if result is not None:
-            result.delivery_id = claim["id"]
-        elif claim["claimed"]:
-            result = StoreResult(
-                DeliveryOutcome.STORED,
-                claim["id"],
-                run_id=parsed.run_id,
-                batch_id=parsed.batch_id,
-            )
+    for index, (item, answer) in enumerate(zip(items, answers, strict=True)):
+        result = rejected.get(index) or StoreResult(
+            DeliveryOutcome(answer["outcome"]),
+            answer["id"],
+            run_id=item.parsed.run_id,
+            batch_id=item.parsed.batch_id,
+            duplicate_of=answer["owner"],
+        )
+        result.delivery_id = answer["id"]
+        if result.outcome == DeliveryOutcome.STORED:
             stored.append(index)
-        else:
-            result = StoreResult(
-                DeliveryOutcome.DUPLICATE,
-                claim["id"],
-                run_id=parsed.run_id,
-                batch_id=parsed.batch_id,
-                duplicate_of=claim["owner"],
-            )
-        results[index] = result
-    done = [result for result in results if result is not None]
-    assert len(done) == len(items)
-
-    # 3. The archive rows: new ones in one statement, replays update theirs.
-    fresh = [i for i, item in enumerate(items) if item.replay_of is None]
-    if fresh:
-        rows = []
-        for i in fresh:
-            entry, result = items[i].entry, done[i]
-            # A duplicate's bytes are already kept once: its row records the request only.
-            keep = result.outcome != DeliveryOutcome.DUPLICATE
-            rows.append(
-                {
-                    "id": result.delivery_id,
-                    "received_at": entry.received_at,
-                    "request_id": entry.request_id,
-                    "headers": entry.headers,
-                    "content_type": entry.content_type,
-                    "body": entry.body if keep else None,
-                    "body_sha256": entry.body_sha256,
-                    "body_size": entry.body_size,
-                    "signature": entry.signature,
-                    "outcome": result.outcome,
-                    "cause": result.cause,
-                    "cause_detail": result.cause_detail,
-                    "kind": items[i].parsed.kind,
-                    "run_id": result.run_id,
-                    "batch_id": result.batch_id,
-                    "duplicate_of": result.duplicate_of,
-                    "source": entry.source,
-                }
-            )
-        await conn.execute(_INSERT_DELIVERIES, *_column_arrays(_DELIVERY_COLUMNS, rows))
-    for i, item in enumerate(items):
+        done.append(result)
+    # Replays update the archive row they came from.
+    for item, result in zip(items, done, strict=True):
         if item.replay_of is not None:
-            await update_delivery(conn, item.replay_of, done[i], item.parsed.kind)
-            done[i].delivery_id = item.replay_of
+            await update_delivery(conn, item.replay_of, result, item.parsed.kind)
 
     if stored:
         await _merge(conn, [(items[i], done[i]) for i in stored])
@@ -563,14 +572,17 @@ async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
     batch_ids = byte_order(
         item.parsed.batch["id"] for item, _ in batch if item.parsed.batch is not None
     )
-    await lock_runs(conn, run_ids, batch_ids)
+    buckets = lock_buckets([*run_ids, *(f"batch:{b}" for b in batch_ids)])
+    loaded = await conn.fetch(
+        _LOCK_AND_LOAD, _LOCK_SPACE, buckets, run_ids, node_ids, log_ids, batch_ids
+    )
 
     runs: dict[str, _Row] = {}
     nodes: dict[str, _Row] = {}
     logs: dict[str, _Row] = {}
     batches: dict[str, _Row] = {}
     tables = {"r": runs, "n": nodes, "l": logs, "b": batches}
-    for row in await conn.fetch(_LOAD, run_ids, node_ids, log_ids, batch_ids):
+    for row in loaded:
         tables[row["t"]][row["id"]] = _Row(ranks=row["ranks"], status=row["status"])
 
     links: list[tuple[str, datetime, int]] = []
@@ -614,30 +626,28 @@ async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
             row.seen(received)
             row.top = max(row.top, precedence(info.get("status")))
 
-    await _write(conn, runs, run_ids, _UPSERT_RUNS, _RUN_COLUMNS, _run_values)
-    if links:
-        await conn.execute(_LINK, *map(list, zip(*links, strict=True)))
-    await _write(conn, nodes, node_ids, _UPSERT_NODES, _NODE_COLUMNS, _child_values)
-    await _write(conn, logs, log_ids, _UPSERT_LOGS, _LOG_COLUMNS, _child_values)
-    await _write(conn, batches, batch_ids, _UPSERT_BATCHES, _BATCH_COLUMNS, _batch_values)
-
     # Runs still lacking every Run-object field are queued for a fetch from Runflow's API.
-    enrich = any(item.enrich for item, _ in batch)
-    if enrich:
-        wanted = {
-            run_id
-            for (item, _), by_run in zip(batch, patches, strict=True)
-            if item.enrich
-            for run_id in by_run
-        }
-        envelope_only = [
-            run_id
-            for run_id in run_ids
-            if run_id in wanted
-            and not owned_fields(runs[run_id].ranks, RUN_BITS) & set(RUN_OBJECT_FIELDS)
-        ]
-        if envelope_only:
-            await conn.execute(_ENQUEUE, envelope_only)
+    wanted = {
+        run_id
+        for (item, _), by_run in zip(batch, patches, strict=True)
+        if item.enrich
+        for run_id in by_run
+    }
+    envelope_only = [
+        run_id
+        for run_id in run_ids
+        if run_id in wanted
+        and not owned_fields(runs[run_id].ranks, RUN_BITS) & set(RUN_OBJECT_FIELDS)
+    ]
+    await conn.execute(
+        _WRITE,
+        *_column_arrays(_RUN_COLUMNS, [_run_values(k, runs[k]) for k in run_ids]),
+        *_column_arrays(_NODE_COLUMNS, [_child_values(k, nodes[k]) for k in node_ids]),
+        *_column_arrays(_LOG_COLUMNS, [_child_values(k, logs[k]) for k in log_ids]),
+        *_column_arrays(_BATCH_COLUMNS, [_batch_values(k, batches[k]) for k in batch_ids]),
+        *([list(column) for column in zip(*links, strict=True)] if links else [[], [], []]),
+        envelope_only,
+    )
 
 
 def _run_values(key: str, row: _Row) -> dict[str, Any]:
@@ -665,16 +675,3 @@ def _batch_values(key: str, row: _Row) -> dict[str, Any]:
         "delivery_count": row.count,
         "ranks": row.ranks,
     }
-
-
-async def _write(
-    conn: Any,
-    rows: Mapping[str, _Row],
-    keys: Sequence[str],
-    sql: str,
-    columns: Sequence[tuple[str, str]],
-    values: Any,
-) -> None:
-    """Upsert the rows in byte order of their keys (one statement)."""
-    if keys:
-        await conn.execute(sql, *_column_arrays(columns, [values(k, rows[k]) for k in keys]))
