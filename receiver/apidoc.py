@@ -49,6 +49,8 @@ class Operation:
     request_body: dict[str, Any] | None = None
     request_model: type[BaseModel] | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # Media types of answers that are not JSON models (an HTML page), by status.
+    response_media: dict[int, str] = field(default_factory=dict)
 
     def query_names(self) -> set[str]:
         return {p.name for p in self.params if p.location == "query"}

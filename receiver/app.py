@@ -45,9 +45,10 @@ def resources(request: Request) -> Resources:
 
 def _routes() -> list[BaseRoute]:
     from receiver import openapi
-    from receiver.routes import alerts, analytics, enrichment, health, runs, webhooks
+    from receiver.routes import alerts, analytics, enrichment, health, pages, runs, webhooks
 
     return [
+        *pages.routes,
         *alerts.routes,
         *webhooks.routes,
         *health.routes,

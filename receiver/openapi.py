@@ -26,9 +26,10 @@ _DESCRIPTIONS = {
 
 
 def all_operations() -> list[Operation]:
-    from receiver.routes import alerts, analytics, enrichment, health, runs, webhooks
+    from receiver.routes import alerts, analytics, enrichment, health, pages, runs, webhooks
 
     return [
+        *pages.operations,
         *alerts.operations,
         *webhooks.operations,
         *health.operations,
@@ -71,6 +72,8 @@ def build_document(operations: list[Operation]) -> dict[str, Any]:
             response: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, str(status))}
             if model is not None:
                 response["content"] = {"application/json": {"schema": ref(model)}}
+            elif status in op.response_media:
+                response["content"] = {op.response_media[status]: {"schema": {"type": "string"}}}
             if status == 503:
                 response["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
             entry["responses"][str(status)] = response
