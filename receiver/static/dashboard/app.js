@@ -4,7 +4,7 @@
 
 import { ApiError, Unauthorized, api, forgetToken, getToken, setToken } from "./api.js";
 import { failureRateChart } from "./chart.js";
-import { fill, h, ms, percent, table, val, when } from "./dom.js";
+import { fill, h, ms, percent, seconds, table, val, when } from "./dom.js";
 
 const REFRESH_MS = 30000;
 const WINDOW_MS = 24 * 3600 * 1000;
@@ -128,7 +128,8 @@ async function panel(id, load) {
 const tiles = {};
 
 function tile(key, label, value, level, detail) {
-  tiles[key] = h("div", { class: ["tile", level], dataset: { tile: key } }, h("span", { class: "tile-label" }, label), h("span", { class: "tile-value" }, value), detail ? h("span", { class: "tile-detail" }, detail) : null);
+  const size = String(value).length > 8 ? "long" : null;
+  tiles[key] = h("div", { class: ["tile", level], dataset: { tile: key } }, h("span", { class: "tile-label" }, label), h("span", { class: ["tile-value", size] }, value), detail ? h("span", { class: "tile-detail" }, detail) : null);
   fill($("tiles"), ...["runs", "failed", "top", "rejected", "alerts"].map((k) => tiles[k]).filter(Boolean));
 }
 
@@ -364,7 +365,7 @@ async function loadAlerts() {
           h("strong", {}, r.rule.name),
           r.rule.metric,
           String(r.rule.threshold),
-          ms(r.rule.window * 1000),
+          seconds(r.rule.window),
           r.states.length
             ? r.states.map((st) => h("span", { class: ["badge", st.state], title: `${groupLabel(st.group)}: value ${st.value ?? "n/a"} (since ${when(st.updated_at)} UTC)` }, `${st.state}${Object.keys(st.group || {}).length ? ` · ${groupLabel(st.group)}` : ""}`))
             : h("span", { class: "none" }, r.rule.enabled === false ? "disabled" : "not evaluated yet"),

@@ -69,6 +69,15 @@ export function ms(value) {
   return `${(value / 60000).toFixed(1)} min`;
 }
 
+/** A whole number of seconds as "90 s", "5 min", "1 h", "2 d". */
+export function seconds(value) {
+  if (value === null || value === undefined) return val(null);
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["min", 60]]) {
+    if (value >= size && value % size === 0) return `${value / size} ${unit}`;
+  }
+  return `${value} s`;
+}
+
 export function percent(fraction, digits = 1) {
   if (fraction === null || fraction === undefined) return val(null);
   return `${(fraction * 100).toFixed(digits)}%`;
