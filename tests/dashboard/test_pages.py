@@ -102,3 +102,19 @@ def test_pages_are_documented_as_public_html():
         operation = paths[path]["get"]
         assert "security" not in operation
         assert list(operation["responses"]["200"]["content"]) == ["text/html"]
+
+
+def test_every_static_file_is_package_data():
+    """A wheel carries the assets: each file under receiver/static matches a package-data glob.
+
+    setuptools expands those globs from the package directory; building a real wheel needs the
+    network for build isolation, so this expands them the same way instead.
+    """
+    import tomllib
+
+    package = STATIC.parent
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["receiver"]
+    shipped = {path for pattern in patterns for path in package.glob(pattern) if path.is_file()}
+    files = {path for path in STATIC.rglob("*") if path.is_file()}
+    assert files and not files - shipped, sorted(str(p) for p in files - shipped)
