@@ -231,6 +231,7 @@ async def load_data(base: str, hook_url: str) -> dict[str, Any]:
         posted["drill"] = drill
         posted["nodes"] = [n["id"] for n in nodes]
         posted["failures"] = Counter([*FAILURES, ("out_of_memory", "execution")])
+        posted["llama_failures"] = Counter(f for i, f in enumerate(FAILURES) if i % 3 == 2)
 
         # Rejected: names a client_ref no run has yet; replayable once that run arrives.
         rejected = await post({"client_ref": "late-ref", "status_code": "succeeded"}, expect=422)
@@ -389,6 +390,37 @@ async def test_dashboard_shows_failures_drills_into_a_run_and_replays(browser, l
         path = screenshot(driver)
         assert path.stat().st_size > 10_000
 
+        # The form's filters reach the API: one model's failures only, kept in the hash.
+        model = css(driver, '#filters input[name="model"]')[0]
+        model.send_keys("llama-3")
+        css(driver, '#filters button[type="submit"]')[0].click()
+        llama = posted["llama_failures"]
+        wait_for(
+            "the llama-3 breakdown",
+            lambda: (
+                Counter(
+                    {
+                        (r.get_attribute("data-code"), r.get_attribute("data-stage")): int(
+                            r.get_attribute("data-count")
+                        )
+                        for r in css(driver, "#failures tr.failure-row")
+                    }
+                )
+                == llama
+            ),
+        )
+        assert "model=llama-3" in driver.current_url
+        wait_for(
+            "only llama-3's failed runs",
+            lambda: (
+                [r.text.split()[3] for r in css(driver, "#runs tr.run-row")]
+                == ["llama-3"] * sum(llama.values())
+            ),
+        )
+        css(driver, "#reset-filters")[0].click()
+        wait_for("the reset", lambda: len(css(driver, "#failures tr.failure-row")) == len(expected))
+        assert "model=" not in driver.current_url
+
     # The token stays in this tab's sessionStorage: not in the URL, not in localStorage.
     assert driver.execute_script(f"return sessionStorage.getItem('{TOKEN_KEY}')") == API_TOKEN
     assert driver.execute_script("return localStorage.length") == 0
@@ -406,10 +438,16 @@ async def test_dashboard_shows_failures_drills_into_a_run_and_replays(browser, l
 
 def test_docs_page_lets_a_user_authorize_and_try_a_request(browser, live):
     driver = browser
+    # A token the dashboard holds in this tab is offered to Swagger UI...
     driver.get(f"{live}/docs")
+    driver.execute_script(f"sessionStorage.setItem('{TOKEN_KEY}', '{API_TOKEN}')")
+    driver.refresh()
+    wait_for("pre-authorized", lambda: css(driver, ".auth-wrapper .btn.authorize.locked"))
+    # ...and without one, the user enters it with Authorize.
     driver.execute_script("sessionStorage.clear()")
     driver.refresh()
     wait_for("the operations", lambda: css(driver, "#operations-runs-get_runs"))
+    assert css(driver, ".auth-wrapper .btn.authorize.unlocked")
     assert css(driver, "#operations-pages-get_")  # GET / is documented too
 
     css(driver, ".auth-wrapper .btn.authorize")[0].click()

@@ -64,6 +64,14 @@ function formToHash() {
   writeHash(params);
 }
 
+/** Change one hash value (the selected run, the bucket) and keep the applied filters as they are. */
+function setHashValue(name, value) {
+  const params = readHash();
+  if (value) params.set(name, value);
+  else params.delete(name);
+  writeHash(params);
+}
+
 function hashToForm() {
   const params = readHash();
   const form = $("filters");
@@ -279,7 +287,7 @@ async function loadRun() {
 
 function selectRun(id) {
   state.selectedRun = id;
-  formToHash();
+  setHashValue("run", id);
   for (const row of document.querySelectorAll(".run-row")) row.classList.toggle("selected", row.querySelector(".run-link")?.dataset.run === id);
   guard(loadRun()).then(() => $("panel-run").scrollIntoView({ behavior: "smooth", block: "start" }));
 }
@@ -503,7 +511,7 @@ function start() {
   });
   for (const radio of document.querySelectorAll("#bucket-switch input")) {
     radio.addEventListener("change", () => {
-      formToHash();
+      setHashValue("bucket", currentBucket() === "hour" ? null : currentBucket());
       guard(loadTimeseries(query()));
     });
   }
@@ -514,7 +522,7 @@ function start() {
   });
   $("close-run").addEventListener("click", () => {
     state.selectedRun = null;
-    formToHash();
+    setHashValue("run", null);
     $("panel-run").hidden = true;
     for (const row of document.querySelectorAll(".run-row.selected")) row.classList.remove("selected");
   });
