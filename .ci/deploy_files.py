@@ -2,7 +2,8 @@
 
 What `docker compose up` relies on: the services and their order, restart policies, tagged
 images, bind-mount sources that exist, Prometheus' config and rules mounted where the config
-says, Grafana's provisioning and a dashboard whose datasource is the provisioned one.
+says, Grafana's provisioning and a dashboard whose datasource is the provisioned one,
+and the package's version in the image tags and the migration Job's name.
 Run by .ci/deploy-checks; prints each problem and exits 1 when there is any.
 """
 
@@ -10,13 +11,15 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import yaml
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
 SERVICES = ("postgres", "migrate", "receiver", "prometheus", "grafana")
 RESTART = {"no", "always", "unless-stopped", "on-failure"}
 problems: list[str] = []
@@ -114,10 +117,27 @@ def main() -> int:
                     expect(panel.get("targets"), f"{board.name}: {panel['title']}: no query")
     expect(dashboards, "grafana: no dashboard provisioned")
 
+    # One version everywhere: the package's, the images' tags, the migration Job's name.
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    image = f"runflow-receiver:{version}"
+    for name in ("migrate", "receiver"):
+        expect(services[name].get("image") == image, f"compose: {name} image is not {image}")
+    for path in sorted((DEPLOY / "kubernetes").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            template = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for container in template.get("containers", []):
+                expect(container["image"] == image, f"{path.name}: {container['image']}")
+            if doc["kind"] == "Job":
+                job = "runflow-receiver-migrate-" + version.replace(".", "-")
+                expect(doc["metadata"]["name"] == job, f"{path.name}: Job is not named {job}")
+
     for problem in problems:
         print(f"deploy files: {problem}")
     if not problems:
-        print(f"deploy files: compose services {sorted(services)}; {dashboards} dashboard(s) ok")
+        print(
+            f"deploy files: compose services {sorted(services)}; {dashboards} dashboard(s);"
+            f" images {image} ok"
+        )
     return 1 if problems else 0
 
 
