@@ -8,11 +8,14 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.alerts.evaluate import evaluate_once
-from tests.builders import auth, envelope, post_delivery, run_object
+from tests.builders import SIGNING_SECRET, auth, envelope, post_delivery, run_object
+from tests.serve_process import receiver_env, serving
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus-alerts.yaml"
@@ -113,3 +116,24 @@ async def test_every_metric_in_the_rules_and_dashboards_is_exposed(client, setti
         for source, names in sources.items()
     }
     assert missing == {source: [] for source in sources}, families
+
+
+@pytest.mark.slow
+def test_a_fresh_serve_exposes_the_counters_rules_watch_at_zero(database_url, tmp_path):
+    """After a restart with no traffic, the series alerts take rate() of exist, at 0."""
+    env = receiver_env(
+        RECEIVER_DATABASE_URL=database_url,
+        RECEIVER_SIGNING_SECRETS=SIGNING_SECRET,
+        RECEIVER_DATA_DIR=str(tmp_path / "data"),
+    )
+    with serving(env, tmp_path, workers=2) as (base, _):
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    found = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    deliveries = "runflow_receiver_deliveries_total"
+    for outcome in ("stored", "duplicate"):
+        assert found[(deliveries, (("cause", ""), ("outcome", outcome)))] == 0
+    assert found[("runflow_receiver_runs_terminal_total", (("status", "failed"),))] == 0
