@@ -14,8 +14,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from receiver.alerts.evaluate import evaluate_once
-from tests.builders import SIGNING_SECRET, auth, envelope, post_delivery, run_object
-from tests.serve_process import receiver_env, serving
+from tests.support.builders import SIGNING_SECRET, auth, envelope, post_delivery, run_object
+from tests.support.processes import receiver_env, serving
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus-alerts.yaml"
