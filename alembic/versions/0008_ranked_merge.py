@@ -189,7 +189,10 @@ LOCK_AND_LOAD = """
 CREATE FUNCTION ingest_lock_and_load(
     space int, buckets int[], run_ids text[], node_ids text[], log_ids text[], batch_ids text[]
 ) RETURNS TABLE (t text, id text, status text, ranks jsonb)
-LANGUAGE plpgsql VOLATILE AS $$
+LANGUAGE plpgsql VOLATILE
+-- Plan for the ids at hand: a generic plan cached while the tables were small scans them.
+SET plan_cache_mode = force_custom_plan
+AS $$
 DECLARE
     bucket int;
 BEGIN

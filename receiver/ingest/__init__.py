@@ -4,7 +4,8 @@ signature.py  verify the raw bytes (and sign, for tests and outbound hooks)
 payloads.py   parse and validate the three wire shapes into plain run patches
 archive.py    what the archive keeps about a request
 merge.py      the merge rules, as a pure fold
-store.py      the write path's SQL: archive row, fingerprint, patches, run row
+store.py      the write path's SQL for a batch of deliveries: archive, fingerprints, merged rows
+batcher.py    group commit: the deliveries in flight in a worker share one transaction
 pipeline.py   the journey end to end: receive, store_parsed, replay
 """
 

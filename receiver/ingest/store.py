@@ -309,10 +309,11 @@ WITH u AS MATERIALIZED (
     SELECT u.*,
         CASE WHEN u.pre IS NOT NULL THEN u.pre
              WHEN ins.delivery_id = u.id THEN 'stored' ELSE 'duplicate' END AS outcome,
-        COALESCE(f.delivery_id, ins.delivery_id) AS owner
+        CASE WHEN u.pre IS NULL AND ins.delivery_id IS DISTINCT FROM u.id THEN COALESCE(
+            (SELECT f.delivery_id FROM delivery_fingerprints f WHERE f.body_sha256 = u.sha),
+            ins.delivery_id) END AS owner
     FROM u
     LEFT JOIN ins ON u.pre IS NULL AND ins.body_sha256 = u.sha
-    LEFT JOIN delivery_fingerprints f ON u.pre IS NULL AND f.body_sha256 = u.sha
 ), d AS (
     INSERT INTO deliveries (
         id, received_at, request_id, headers, content_type, body, body_sha256, body_size,
