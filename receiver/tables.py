@@ -151,7 +151,6 @@ class Delivery(SQLModel, table=True):
     __tablename__ = "deliveries"
     __table_args__ = (
         Index("ix_deliveries_run_id", "run_id", "received_at"),
-        Index("ix_deliveries_batch_id", "batch_id", "received_at"),
         Index("ix_deliveries_outcome", "outcome", text("received_at DESC"), text("id DESC")),
         Index("ix_deliveries_received", text("received_at DESC"), text("id DESC")),
     )
