@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -273,9 +274,16 @@ def main() -> int:
     parser.add_argument("--bodies", type=int, default=30000, help="distinct bodies per round")
     parser.add_argument("--history", type=int, default=1000)
     parser.add_argument("--history-runs", type=int, default=4)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="also run `serve` from this checkout (e.g. a worktree of the previous main)",
+    )
     args = parser.parse_args()
 
-    names = ("ceiling", "plain", "receiver")
+    names: tuple[str, ...] = ("ceiling", "plain", "receiver")
+    if args.before:
+        names = (*names, "before")
     figures: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     history: dict[str, list[float]] = {"1": [], str(args.history): []}
     rss: list[float] = []
@@ -298,6 +306,17 @@ def main() -> int:
                 url, process = start_app(app, args.workers, base_env)
                 urls[name] = f"{url}/webhooks/runflow"
                 processes.append(process)
+            before = contextlib.ExitStack()
+            if args.before:
+                old_tmp = tmp_path / "before"
+                old_tmp.mkdir()
+                old_env = {
+                    **env,
+                    "RECEIVER_DATA_DIR": str(old_tmp / "data"),
+                    "PYTHONPATH": str(args.before.resolve()),
+                }
+                old_base, _ = before.enter_context(serving(old_env, old_tmp, workers=args.workers))
+                urls["before"] = f"{old_base}/webhooks/runflow"
             try:
                 for round_no in range(args.rounds):
                     bodies = tmp_path / f"bodies-{round_no}.txt"
@@ -318,6 +337,13 @@ def main() -> int:
                         flush=True,
                     )
                 stored = asyncio.run(storage(database))
+                if args.before:
+                    old = asyncio.run(storage(embedded_url(tmp_path / "before" / "data")))
+                    print(
+                        f"before: storage / kept body bytes"
+                        f" {old['db_bytes'] / old['kept_body_bytes']:.2f}",
+                        flush=True,
+                    )
 
                 for round_no in range(args.rounds):
                     for depth in (1, args.history):
@@ -339,6 +365,7 @@ def main() -> int:
                         flush=True,
                     )
             finally:
+                before.close()
                 for process in processes:
                     process.terminate()
                     process.wait(timeout=30)
@@ -358,7 +385,13 @@ def main() -> int:
         "   (target >= 0.20)\n"
         f"  receiver / plain                     {rate['receiver'] / rate['plain']:7.2f}"
         "   (target >= 1.2)\n"
-        f"  receiver p99                         {p99:7.1f} ms (target <= 50)\n"
+        + (
+            f"  before (--before checkout)           {rate['before']:7.0f} deliveries/s,"
+            f" receiver / before {rate['receiver'] / rate['before']:.2f}\n"
+            if args.before
+            else ""
+        )
+        + f"  receiver p99                         {p99:7.1f} ms (target <= 50)\n"
         f"  receiver worker RSS, largest seen    {max(rss):7.0f} MB (target <= 150)\n"
         f"  history {args.history} / history 1          {ratio_history:7.2f}"
         f"   ({at[str(args.history)]:.0f} vs {at['1']:.0f}/s; target >= 0.90)\n"
