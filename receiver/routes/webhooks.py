@@ -37,26 +37,49 @@ async def read_capped(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+REQUEST_ID_CHARS = 128
+
+
 async def receive_runflow(request: Request) -> Response:
     started = time.perf_counter()
+    # One line per answer, so a Runflow-Request-Id can be followed to the delivery and run.
+    line: dict[str, object] = {
+        "request_id": (request.headers.get("runflow-request-id") or "")[:REQUEST_ID_CHARS] or None
+    }
     try:
-        response = await _receive(request)
+        response, content = await _receive(request)
+        line.update(content)
+        line["outcome"] = line.pop("status")
+        line["status"] = response.status_code
     except ReceiverError as error:
         outcome = "unavailable" if isinstance(error, Unavailable) else "rejected"
         metrics.DELIVERIES.labels(outcome, error.code).inc()
+        line.update(
+            outcome=outcome,
+            cause=error.code,
+            status=error.status_code,
+            delivery_id=error.delivery_id,
+        )
         raise
     except DATABASE_DOWN:
         metrics.DELIVERIES.labels("unavailable", Unavailable.code).inc()
+        line.update(outcome="unavailable", cause=Unavailable.code, status=Unavailable.status_code)
         raise
     except Exception:
         metrics.DELIVERIES.labels("error", "internal_error").inc()
+        line.update(outcome="error", cause="internal_error", status=500)
         raise
     finally:
-        metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.INGEST_SECONDS.observe(seconds)
+        line["duration_ms"] = round(seconds * 1000, 2)
+        status = line.get("status")
+        level = logging.INFO if isinstance(status, int) and status < 500 else logging.WARNING
+        log.log(level, "delivery %s", line.get("outcome"), extra=line)
     return response
 
 
-async def _receive(request: Request) -> Response:
+async def _receive(request: Request) -> tuple[Response, dict[str, object]]:
     res = resources(request)
     received_at = datetime.now(UTC)
     headers = {name.lower(): value for name, value in request.headers.items()}
@@ -84,7 +107,7 @@ async def _receive(request: Request) -> Response:
         content["duplicate_of"] = result.duplicate_of
     metrics.DELIVERIES.labels(result.outcome, "").inc()
     metrics.record_terminal(result.reached_terminal)
-    return ORJSONResponse(content)
+    return ORJSONResponse(content), content
 
 
 INGEST = Operation(
