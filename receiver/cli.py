@@ -272,7 +272,13 @@ _add_module_commands()
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"runflow-receiver: {message}", err=True)
+    from receiver.logs import json_logging
+
+    line = f"runflow-receiver: {message}"
+    if json_logging():  # one stream: the last line is JSON like the ones before it
+        log.error(line)
+    else:
+        click.echo(line, err=True)
     return code
 
 
@@ -295,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_CONFIG)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or a failure nothing above names: logged with its trace
+        log.exception("runflow-receiver: %s: %s", type(exc).__name__, exc)
+        return EXIT_FAILED
     return result if isinstance(result, int) else 0
 
 

@@ -81,8 +81,10 @@ def logging_config(settings: Settings) -> dict[str, Any]:
     loggers: dict[str, Any] = {
         # uvicorn's own loggers lose their handlers and propagate to the one handler below.
         name: {"handlers": [], "propagate": True, "level": level}
-        for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "receiver")
+        for name in ("uvicorn", "uvicorn.error", "receiver")
     }
+    # AccessLog writes the access lines; uvicorn's would carry the query string.
+    loggers["uvicorn.access"] = {"handlers": [], "propagate": False}
     loggers.update({name: {"level": "WARNING"} for name in QUIET})
     return {
         "version": 1,
@@ -101,6 +103,11 @@ def logging_config(settings: Settings) -> dict[str, Any]:
         "loggers": loggers,
         "root": {"handlers": ["stderr"], "level": level},
     }
+
+
+def json_logging() -> bool:
+    """True when this process logs JSON lines (configure_logging ran in JSON mode)."""
+    return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
 
 
 def configure_logging(settings: Settings) -> None:

@@ -1,0 +1,77 @@
+"""One log stream: in JSON mode every line ``serve`` prints is a JSON object, uvicorn's too."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.support.builders import API_TOKEN, SIGNING_SECRET, body_of, envelope, signed_headers
+from tests.support.processes import receiver_env, serving
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_line_serve_prints_in_json_mode_is_a_json_object(tmp_path):
+    env = receiver_env(
+        RECEIVER_LOG_FORMAT="json",
+        RECEIVER_DATA_DIR=str(tmp_path / "data"),  # the embedded database: its start is logged
+        RECEIVER_SIGNING_SECRETS=SIGNING_SECRET,
+        RECEIVER_API_TOKENS=API_TOKEN,
+    )
+    long_request_id = "req-" + "x" * 300
+    body = body_of(envelope("log-run-1"))
+    with serving(env, tmp_path, workers=2) as (base, _):
+        port = base.rsplit(":", 1)[1]
+        stored = httpx.post(
+            f"{base}/webhooks/runflow",
+            content=body,
+            headers=signed_headers(body, **{"runflow-request-id": long_request_id}),
+            timeout=30,
+        )
+        forged = httpx.post(
+            f"{base}/webhooks/runflow",
+            content=body,
+            headers=signed_headers(body, "whsec_wrong", **{"runflow-request-id": "req-forged"}),
+            timeout=30,
+        )
+        listed = httpx.get(
+            f"{base}/runs?status=succeeded&limit=5",
+            headers={"authorization": f"Bearer {API_TOKEN}"},
+            timeout=30,
+        )
+    assert stored.status_code == 200 and forged.status_code == 401 and listed.status_code == 200
+
+    text = (tmp_path / f"serve-{port}.log").read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"line {number} of serve's output is not JSON: {line!r}")
+        assert isinstance(entries[-1], dict), line
+        assert {"ts", "level", "logger", "message"} <= entries[-1].keys(), line
+
+    loggers = {e["logger"] for e in entries}
+    # uvicorn's lines (parent and both workers) went through the same formatter.
+    assert "uvicorn.error" in loggers
+    assert sum("Started server process" in e["message"] for e in entries) == 2
+    assert any(e["message"].startswith("receiving Runflow callbacks at http://") for e in entries)
+
+    deliveries = {e["request_id"]: e for e in entries if e["message"].startswith("delivery ")}
+    answer = stored.json()
+    ingest = deliveries[long_request_id[:128]]  # truncated to 128 characters
+    assert ingest["delivery_id"] == answer["delivery_id"]
+    assert ingest["run_id"] == "log-run-1"
+    assert ingest["outcome"] == "stored" and ingest["status"] == 200
+    assert isinstance(ingest["duration_ms"], int | float)
+    rejected = deliveries["req-forged"]
+    assert rejected["outcome"] == "rejected" and rejected["cause"] == "invalid_signature"
+    assert rejected["status"] == 401
+
+    access = [e for e in entries if e.get("path") == "/runs"]
+    assert [(e["method"], e["status"]) for e in access] == [("GET", 200)]
+    # Neither the query string nor the bearer token reaches the log.
+    assert API_TOKEN not in text and "status=succeeded" not in text
