@@ -32,11 +32,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
 
 def _settings(ctx: click.Context) -> Settings:
     """Settings from the environment and the top command's flags, with logging set up."""
-    settings = command_settings(ctx.find_root().obj)
-    from receiver.logs import configure_logging
-
-    configure_logging(settings)
-    return settings
+    return command_settings(ctx.find_root().obj)
 
 
 @click.group(context_settings=CONTEXT)
@@ -103,7 +99,7 @@ def migrate(ctx: click.Context) -> int:
     from receiver.migrations import head_revision
 
     prepare_database(_settings(ctx), migrate=True)
-    log.info("database is at revision %s", head_revision(), extra={"revision": head_revision()})
+    log.info("database is at revision %s", head_revision())
     return 0
 
 
@@ -143,7 +139,6 @@ def worker(ctx: click.Context, concurrency: int | None) -> int:
     log.info(
         "enrichment worker: %d tasks",
         settings.enrichment_concurrency,
-        extra={"concurrency": settings.enrichment_concurrency},
     )
     asyncio.run(work())
     return 0

@@ -205,16 +205,9 @@ class Progress:
             tenths = done * 10 // self.total
             if tenths > self._logged_tenths:
                 self._logged_tenths = tenths
-                progress_log.info(
-                    "%s: %d/%d %s",
-                    self.label,
-                    done,
-                    self.total,
-                    status,
-                    extra={"done": done, "total": self.total},
-                )
+                progress_log.info("%s: %d/%d %s", self.label, done, self.total, status)
         else:
-            progress_log.info("%s: %d %s", self.label, done, status, extra={"done": done})
+            progress_log.info("%s: %d %s", self.label, done, status)
 
 
 progress_log = logging.getLogger("receiver.progress")

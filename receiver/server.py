@@ -56,7 +56,6 @@ def serve(
         "receiving Runflow callbacks at http://%s:%s/webhooks/runflow",
         host,
         port,
-        extra={"host": host, "port": port, "workers": workers},
     )
     # uvicorn re-raises SIGTERM after its graceful shutdown; with Python's default handler the
     # process would die without running atexit, leaving the embedded PostgreSQL running.

@@ -26,14 +26,21 @@ CONNECT_SECONDS = 10.0
 
 
 def command_settings(flags: object) -> Settings:
-    """Settings for a command: the top command's flags (a mapping of setting names to values,
-    None when not given) win over the environment. They are put in the environment so that
-    processes started from here (serve's workers) resolve the same values."""
+    """Settings for a command, with this process's logging configured from them.
+
+    The top command's flags (a mapping of setting names to values, None when not given) win
+    over the environment; they are put in the environment so that processes started from
+    here (serve's workers) resolve the same values.
+    """
+    from receiver.logs import configure_logging
+
     overrides = flags if isinstance(flags, dict) else {}
     for name, value in overrides.items():
         if value is not None:
             os.environ[f"RECEIVER_{name.upper()}"] = str(value)
-    return load_settings()
+    settings = load_settings()
+    configure_logging(settings)
+    return settings
 
 
 def _keep_secret(data_dir: Path, name: str, make: Callable[[], str]) -> tuple[str, Path, bool]:
@@ -58,24 +65,14 @@ def ensure_credentials(settings: Settings) -> Settings:
         )
         updates["signing_secrets"] = [value]
         verb = "generated" if made else "using"
-        log.info(
-            "%s signing secret in %s (give it to Runflow as the callback secret)",
-            verb,
-            path,
-            extra={"signing_secret_file": str(path)},
-        )
+        log.info("%s signing secret in %s (give it to Runflow as the callback secret)", verb, path)
     if not settings.api_tokens:
         value, path, made = _keep_secret(
             settings.data_dir, "api_token", lambda: secrets.token_urlsafe(32)
         )
         updates["api_tokens"] = [value]
         verb = "generated" if made else "using"
-        log.info(
-            "%s API token in %s (send it as Authorization: Bearer <token>)",
-            verb,
-            path,
-            extra={"api_token_file": str(path)},
-        )
+        log.info("%s API token in %s (send it as Authorization: Bearer <token>)", verb, path)
     return settings.model_copy(update=updates) if updates else settings
 
 

@@ -118,10 +118,7 @@ def check_file(path: Path) -> int:
 
 
 def _engine(ctx: click.Context) -> tuple[Settings, AsyncEngine]:
-    from receiver.logs import configure_logging
-
     settings = command_settings(ctx.find_root().obj)
-    configure_logging(settings)
     return settings, open_engine(settings)
 
 
