@@ -587,7 +587,8 @@ def _when(value: str | None) -> datetime | None:
 @click.option(
     "--count",
     type=click.IntRange(min=1),
-    default=500,
+    default=None,
+    show_default="500, or 1 with --event",
     help="Deliveries to send; with --event, runs (two deliveries each).",
 )
 @click.option("--concurrency", type=click.IntRange(1, 1024), default=16, help="Requests in flight.")
@@ -685,6 +686,7 @@ def simulate(obj: object, /, **opts: Any) -> int:
     if end is not None:
         start = end - timedelta(hours=opts["spread_hours"])
     if opts["event"] is None:
+        opts["count"] = opts["count"] or 500
         if opts["failure_code"] or opts["failure_stage"] or opts["model"]:
             raise click.UsageError("--failure-code, --failure-stage and --model need --event")
         traffic = generate_traffic(
@@ -699,6 +701,7 @@ def simulate(obj: object, /, **opts: Any) -> int:
         )
     else:
         # Each trigger makes new runs unless the ids are pinned (--prefix or --epoch).
+        opts["count"] = opts["count"] or 1
         stamp = (end or start or EPOCH).strftime("%Y%m%d%H%M%S")
         try:
             traffic = generate_event(
