@@ -63,7 +63,9 @@ class ConsoleFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = extra_fields(record)
+        # A record may name the fields its message already shows (``_in_message``).
+        shown = getattr(record, "_in_message", ())
+        extras = {k: v for k, v in extra_fields(record).items() if k not in shown}
         if not extras:
             return line
         head, newline, rest = line.partition("\n")  # a traceback stays below the first line
@@ -158,6 +160,7 @@ class AccessLog:
                     "status": status,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                     "client": f"{client[0]}:{client[1]}" if client else None,
+                    "_in_message": ("method", "path", "status"),
                 },
             )
 

@@ -396,6 +396,7 @@ class SendReport:
     outcomes: Counter[str] = field(default_factory=Counter)
     statuses: Counter[int] = field(default_factory=Counter)
     errors: int = 0
+    finished: int = 0  # requests answered or given up on
     seconds: float = 0.0
     delivery_ids: list[int] = field(default_factory=list)
 
@@ -550,6 +551,7 @@ async def send(
                         report.errors += 1
                     else:
                         report.outcomes["rejected"] += 1
+                report.finished += 1
                 if on_answer is not None:
                     on_answer(report)
         finally:
@@ -726,7 +728,7 @@ def simulate(obj: object, /, **opts: Any) -> int:
                 concurrency=opts["concurrency"],
                 request_seconds=opts["timeout"],
                 ca_file=opts["ca_file"],
-                on_answer=lambda r: progress.update(r.sent, f"({r.acknowledged} acknowledged)"),
+                on_answer=lambda r: progress.update(r.finished, f"({r.acknowledged} acknowledged)"),
             )
         )
     click.echo(report.summary())

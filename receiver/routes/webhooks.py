@@ -75,7 +75,9 @@ async def receive_runflow(request: Request) -> Response:
         line["duration_ms"] = round(seconds * 1000, 2)
         status = line.get("status")
         level = logging.INFO if isinstance(status, int) and status < 500 else logging.WARNING
-        log.log(level, "delivery %s", line.get("outcome"), extra=line)
+        log.log(
+            level, "delivery %s", line.get("outcome"), extra={**line, "_in_message": ("outcome",)}
+        )
     return response
 
 
