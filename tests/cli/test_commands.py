@@ -3,15 +3,20 @@ the top command's --database-url, and ``alerts check`` validating a rules file o
 
 from __future__ import annotations
 
+import asyncio
+import re
 import subprocess
 import sys
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 
 import click
 import pytest
 
 from receiver.cli import cli as receiver_cli
+from tests.support.builders import T0, iso, run_object
+from tests.support.fake_runflow import FakeRunflow, serve_fake
 from tests.support.processes import free_port, receiver_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,3 +206,35 @@ def test_the_shipped_example_rules_pass_the_check(tmp_path):
     done = cli("alerts", "check", str(example), cwd=tmp_path)
     assert done.returncode == 0, done.stdout
     assert "rules valid" in done.stdout.splitlines()[-1]
+
+
+async def test_backfill_command_reports_progress_and_exits_1_when_the_api_stops(
+    db, database_url, tmp_path
+):
+    fake = FakeRunflow()
+    for i in range(12):
+        fake.runs[f"bf_{i:02d}"] = run_object(
+            f"bf_{i:02d}", created_at=iso(T0 + timedelta(minutes=i))
+        )
+    fake.fail_pages_after = 1  # the second page fails (after the retries)
+    since = (T0 - timedelta(hours=1)).isoformat()
+    with serve_fake(fake) as url:
+        env = {
+            "RECEIVER_DATABASE_URL": database_url,
+            "RECEIVER_RUNFLOW_API_URL": url,
+            "RECEIVER_RUNFLOW_API_KEY": fake.api_key,
+            "RECEIVER_ENRICHMENT_MAX_ATTEMPTS": "2",
+            "RECEIVER_ENRICHMENT_BACKOFF_SECONDS": "0.05",
+        }
+        args = ("backfill", "--since", since, "--page-size", "5")
+        stopped = await asyncio.to_thread(cli, *args, cwd=tmp_path, **env)
+        fake.fail_pages_after = None
+        done = await asyncio.to_thread(cli, *args, cwd=tmp_path, **env)
+    assert stopped.returncode == 1
+    assert "backfill stopped" in stopped.stderr and "5 runs imported" in stopped.stderr
+    assert done.returncode == 0, done.stderr
+    # Off a terminal: one progress line per page, then the summary on stdout.
+    assert re.findall(r"backfill: (\d+) \(", done.stderr) == ["10", "12"]
+    assert done.stdout == (
+        "backfill done: 7 stored, 0 already known, 0 rejected (earlier runs of this backfill: 5)\n"
+    )
