@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -75,3 +77,39 @@ def test_every_line_serve_prints_in_json_mode_is_a_json_object(tmp_path):
     assert [(e["method"], e["status"]) for e in access] == [("GET", 200)]
     # Neither the query string nor the bearer token reaches the log.
     assert API_TOKEN not in text and "status=succeeded" not in text
+
+
+PROGRAM = """
+import logging, warnings
+from receiver.logs import configure_logging
+from receiver.settings import Settings
+
+configure_logging(Settings(log_format="json", log_level="info"))
+log = logging.getLogger("receiver.example")
+log.info("with fields", extra={"request_id": "r-1", "delivery_id": 7, "nested": {"a": [1]}})
+warnings.warn("something odd", UserWarning, stacklevel=1)
+logging.getLogger("uvicorn.error").info("from uvicorn")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("it broke")
+"""
+
+
+def test_json_lines_carry_extra_fields_warnings_and_tracebacks(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-W", "default", "-c", PROGRAM],
+        env=receiver_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout == ""
+    fields, warned, uvicorn, broke = (json.loads(line) for line in done.stderr.splitlines())
+    assert fields["message"] == "with fields" and fields["logger"] == "receiver.example"
+    assert (fields["request_id"], fields["delivery_id"], fields["nested"]) == ("r-1", 7, {"a": [1]})
+    assert warned["logger"] == "py.warnings" and "something odd" in warned["message"]
+    assert (uvicorn["logger"], uvicorn["message"]) == ("uvicorn.error", "from uvicorn")
+    assert broke["level"] == "error" and "ZeroDivisionError" in broke["exc"]
