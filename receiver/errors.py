@@ -5,6 +5,7 @@
     ├── Unauthorized            401 unauthorized
     ├── NotFound                404 not_found
     ├── MethodNotAllowed        405 method_not_allowed
+    ├── RequestTimeout          408 request_timeout   (the body did not arrive in time)
     ├── PayloadTooLarge         413 payload_too_large
     ├── UnsupportedMediaType    415 unsupported_media_type
     ├── InvalidJson             400 invalid_json
@@ -65,6 +66,11 @@ class NotFound(ReceiverError):
 class MethodNotAllowed(ReceiverError):
     status_code = 405
     code = "method_not_allowed"
+
+
+class RequestTimeout(ReceiverError):
+    status_code = 408
+    code = "request_timeout"
 
 
 class PayloadTooLarge(ReceiverError):
