@@ -51,6 +51,12 @@ DELIVERIES = Counter(
     "Webhook requests by outcome (stored, duplicate, rejected, unavailable, error) and cause",
     ["outcome", "cause"],
 )
+REFUSED = Counter(
+    "runflow_receiver_refused",
+    "Webhook requests refused before anything was stored (invalid_signature,"
+    " payload_too_large, request_timeout): counted, logged at a bounded rate, never kept",
+    ["cause"],
+)
 INGEST_SECONDS = Histogram(
     "runflow_receiver_ingest_seconds",
     "Time to handle a webhook request, body read to answer",
