@@ -81,14 +81,21 @@ def _utf8_at_most(limit: int) -> AfterValidator:
     return AfterValidator(check)
 
 
+# Accepted instants, in UTC. Python's datetime ends at years 1 and 9999, and asyncpg writes
+# its extreme values as PostgreSQL's -infinity/infinity: a day of margin keeps both out.
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+
+
 def _in_utc(value: datetime) -> datetime:
-    """Aware UTC; naive is taken as UTC. Out of range once in UTC (year 1..9999) fails."""
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
+    """Aware UTC; naive is taken as UTC. Outside EARLIEST..LATEST once in UTC fails."""
     try:
-        return value.astimezone(UTC)
+        moment = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except OverflowError:
-        raise ValueError("datetime is out of range once converted to UTC") from None
+        moment = None
+    if moment is None or not EARLIEST <= moment <= LATEST:
+        raise ValueError("datetime is out of range once in UTC (0001-01-02 to 9999-12-30 accepted)")
+    return moment
 
 
 Status = Annotated[Literal[STATUSES], BeforeValidator(_status_word)]  # type: ignore[valid-type]
