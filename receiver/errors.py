@@ -7,6 +7,7 @@
     ├── MethodNotAllowed        405 method_not_allowed
     ├── RequestTimeout          408 request_timeout   (the body did not arrive in time)
     ├── PayloadTooLarge         413 payload_too_large
+    ├── HeadersTooLarge         431 headers_too_large
     ├── UnsupportedMediaType    415 unsupported_media_type
     ├── InvalidJson             400 invalid_json
     ├── InvalidPayload          422 invalid_payload   (the delivery is kept as rejected)
@@ -76,6 +77,11 @@ class RequestTimeout(ReceiverError):
 class PayloadTooLarge(ReceiverError):
     status_code = 413
     code = "payload_too_large"
+
+
+class HeadersTooLarge(ReceiverError):
+    status_code = 431
+    code = "headers_too_large"
 
 
 class UnsupportedMediaType(ReceiverError):

@@ -19,6 +19,7 @@ from receiver import ingest, metrics
 from receiver.apidoc import Operation, Param
 from receiver.db import DATABASE_DOWN
 from receiver.errors import (
+    HeadersTooLarge,
     InvalidSignature,
     PayloadTooLarge,
     ReceiverError,
@@ -142,6 +143,11 @@ async def _receive(request: Request) -> Response:
     res = resources(request)
     settings = res.settings
     received_at = datetime.now(UTC)
+    # h11 refuses oversize headers that arrive in pieces; ones that arrive in one read are
+    # complete before it looks, so they are measured here.
+    head = sum(len(name) + len(value) + 4 for name, value in request.scope["headers"])
+    if head > settings.max_header_bytes:
+        raise HeadersTooLarge(f"request headers exceed {settings.max_header_bytes} bytes")
     headers = {name.lower(): value for name, value in request.headers.items()}
     try:
         async with asyncio.timeout(settings.body_read_timeout_seconds):
