@@ -235,7 +235,10 @@ def replay(ctx: click.Context, ids: tuple[int, ...], all_rejected: bool) -> int:
             for delivery_id in todo:
                 try:
                     result = await replay_one(
-                        engine, delivery_id, enrich=settings.enrichment_queueing
+                        engine,
+                        delivery_id,
+                        enrich=settings.enrichment_queueing,
+                        allow_unsigned=settings.allow_unsigned,
                     )
                 except ReceiverError as exc:
                     click.echo(f"delivery {delivery_id}: {exc.code}: {exc.message}")
