@@ -321,7 +321,8 @@ WITH u AS MATERIALIZED (
     )
     SELECT id, recv, request_id, headers::jsonb, content_type,
         CASE WHEN outcome = 'duplicate' THEN NULL ELSE body END, sha, body_size, signature,
-        outcome, cause, cause_detail::jsonb, kind, run_id, batch_id,
+        outcome, cause, CASE WHEN outcome = 'duplicate' THEN NULL ELSE cause_detail::jsonb END,
+        kind, run_id, batch_id,
         CASE WHEN outcome = 'duplicate' THEN owner END, source
     FROM v WHERE rid IS NULL
 )
@@ -435,6 +436,10 @@ async def runs_with_client_ref(conn: Any, client_ref: str) -> list[str]:
     return [row["id"] for row in rows]
 
 
+def _set_aside(parsed: ParsedPayload) -> dict[str, Any] | None:
+    return {"set_aside": parsed.set_aside} if parsed.set_aside else None
+
+
 def _unresolved(lookup: str, matches: list[str]) -> StoreResult:
     from receiver.errors import InvalidPayload
 
@@ -524,7 +529,7 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
                 "body_size": entry.body_size,
                 "signature": entry.signature,
                 "cause": None if refusal is None else refusal.cause,
-                "cause_detail": None if refusal is None else refusal.cause_detail,
+                "cause_detail": _set_aside(parsed) if refusal is None else refusal.cause_detail,
                 "kind": parsed.kind,
                 "run_id": None if refusal is not None else parsed.run_id,
                 "batch_id": None if refusal is not None else parsed.batch_id,
@@ -542,6 +547,9 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
             batch_id=item.parsed.batch_id,
             duplicate_of=answer["owner"],
         )
+        if result.outcome == DeliveryOutcome.STORED:
+            # What the run left out (wrong-typed descriptive values); the archive has them.
+            result.cause_detail = _set_aside(item.parsed)
         result.delivery_id = answer["id"]
         if result.outcome == DeliveryOutcome.STORED:
             stored.append(index)

@@ -133,3 +133,18 @@ async def test_a_serialization_failure_is_retried(db):
             await conn.execute(
                 "DROP TRIGGER flaky ON runs; DROP FUNCTION flaky(); DROP SEQUENCE flaky_attempts"
             )
+
+
+async def test_over_http_the_failing_item_is_archived_and_its_neighbours_answered_2xx(
+    poison, client
+):
+    docs = [envelope(f"web_{i}") for i in range(4)] + [envelope("poison")]
+    responses = await asyncio.gather(*(post_delivery(client, orjson.dumps(doc)) for doc in docs))
+    assert [r.status_code for r in responses[:4]] == [200] * 4
+    assert responses[4].status_code == 500
+    assert responses[4].json()["error"]["code"] == "internal_error"
+    archived = await sql(
+        poison, "SELECT run_id, outcome, cause, body IS NOT NULL AS kept FROM deliveries"
+    )
+    by_outcome = sorted((r["outcome"], r["cause"], r["kept"]) for r in archived)
+    assert by_outcome == [("rejected", "internal_error", True)] + [("stored", None, True)] * 4
