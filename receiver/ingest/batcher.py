@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.db import driver_connection
+from receiver.db import CONNECTION_LOST, DATABASE_DOWN, driver_connection
 from receiver.ingest import store
 from receiver.ingest.store import Item, StoreResult
 
@@ -36,6 +36,8 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
 )
 ATTEMPTS = 4
+# Errors that say the database cannot be reached, not that an item is bad.
+_UNREACHABLE: tuple[type[BaseException], ...] = (*DATABASE_DOWN, *CONNECTION_LOST)
 
 Also = Callable[[Any, StoreResult], Awaitable[None]]
 
@@ -107,8 +109,11 @@ class Batcher:
             try:
                 results = await write_items(self.engine, [p.item for p in batch])
             except Exception as exc:
-                if len(batch) == 1:
-                    _fail(batch[0], exc)
+                if len(batch) == 1 or isinstance(exc, _UNREACHABLE):
+                    # The database itself is away: writing the items one by one would only
+                    # wait out the same failure once per item. Each caller decides (503).
+                    for pending in batch:
+                        _fail(pending, exc)
                     return
                 log.warning(
                     "a batch of %d deliveries failed (%s); writing them one by one",
