@@ -9,8 +9,9 @@ from datetime import UTC, datetime
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.alerts.notify import SIGNATURE_HEADER, render
+from receiver.alerts.notify import SIGNATURE_HEADER, post_hook, render
 from receiver.alerts.store import get_rule, list_rules, rule_states, unsent_notifications
+from receiver.alerts.targets import redact_url
 from receiver.ingest.signature import sign
 from receiver.settings import ConfigError, Settings
 from receiver.startup import open_engine
@@ -59,14 +60,9 @@ async def send_test(settings: Settings, engine: AsyncEngine, name: str) -> int:
             headers = {"content-type": "application/json"}
             if target.secret:
                 headers[SIGNATURE_HEADER] = sign(body, target.secret)
-            try:
-                response = await client.post(target.url, content=body, headers=headers)
-                outcome = f"HTTP {response.status_code}"
-                failures += not response.is_success
-            except httpx.HTTPError as exc:
-                outcome = f"failed: {exc}"
-                failures += 1
-            print(f"{target.url} ({target.format}): {outcome}")
+            error, outcome = await post_hook(settings, client, target.url, body, headers)
+            failures += error is not None
+            print(f"{redact_url(target.url)} ({target.format}): {outcome}")
     return 1 if failures else 0
 
 

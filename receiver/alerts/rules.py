@@ -10,6 +10,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from receiver.alerts.targets import is_redacted, redact_url
 from receiver.errors import InvalidRule
 
 FILTERABLE = ("failure_code", "failure_stage", "model", "target_type", "source")
@@ -85,34 +86,58 @@ class Rule(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
     def public_definition(self) -> dict[str, Any]:
-        """The definition with hook secrets replaced by ``REDACTED``, for API answers."""
+        """The definition for API answers: hook secrets replaced by ``REDACTED``, hook URLs
+        shown as ``scheme://host/***`` (their userinfo and path are credentials too)."""
         shown = self.definition()
         for target in shown["targets"]:
+            target["url"] = redact_url(target["url"])
             if target["secret"] is not None:
                 target["secret"] = REDACTED
         return shown
 
 
-def restore_secrets(data: dict[str, Any], stored: Rule | None) -> dict[str, Any]:
-    """``data`` with each ``REDACTED`` secret replaced by the stored secret of the same URL.
+def _stored_target(url: str, index: int, stored: Rule | None) -> HookTarget | None:
+    """The stored target a redacted ``url`` stands for: the one at the same position if it
+    redacts to it, else the only one that does."""
+    if stored is None:
+        return None
+    if index < len(stored.targets) and redact_url(stored.targets[index].url) == url:
+        return stored.targets[index]
+    matching = [t for t in stored.targets if redact_url(t.url) == url]
+    return matching[0] if len(matching) == 1 else None
 
-    So a rule read from the API can be sent back changed without repeating its secrets.
+
+def restore_secrets(data: dict[str, Any], stored: Rule | None) -> dict[str, Any]:
+    """``data`` with each redacted URL and ``REDACTED`` secret replaced by the stored ones.
+
+    So a rule read from the API can be sent back changed without repeating its hook URLs and
+    secrets: a URL shown as ``scheme://host/***`` stands for the stored target it came from.
     """
     targets = data.get("targets")
     if not isinstance(targets, list):
         return data
-    known = {t.url: t.secret for t in stored.targets} if stored else {}
     restored: list[Any] = []
-    for target in targets:
-        if isinstance(target, dict) and target.get("secret") == REDACTED:
+    for index, target in enumerate(targets):
+        if isinstance(target, dict):
             url = target.get("url")
-            secret = known.get(url) if isinstance(url, str) else None
-            if secret is None:
-                raise InvalidRule(
-                    f"target {url!r}: the secret is {REDACTED}, and no stored"
-                    " target with that url has one to keep; send the secret itself"
-                )
-            target = {**target, "secret": secret}
+            if isinstance(url, str) and is_redacted(url):
+                kept = _stored_target(url, index, stored)
+                if kept is None:
+                    raise InvalidRule(
+                        f"target {url!r}: the url is redacted, and no stored target it"
+                        " stands for; send the url itself"
+                    )
+                target = {**target, "url": kept.url}
+            if target.get("secret") == REDACTED:
+                url = target.get("url")
+                known = {t.url: t.secret for t in stored.targets} if stored else {}
+                secret = known.get(url) if isinstance(url, str) else None
+                if secret is None:
+                    raise InvalidRule(
+                        f"target {redact_url(str(url))!r}: the secret is {REDACTED}, and no"
+                        " stored target with that url has one to keep; send the secret itself"
+                    )
+                target = {**target, "secret": secret}
         restored.append(target)
     return {**data, "targets": restored}
 
