@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import httpx
 import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,6 +38,20 @@ class HookTarget(BaseModel):
     url: str = Field(pattern=r"^https?://", max_length=2000)
     secret: str | None = Field(default=None, max_length=500)
     format: Literal["json", "slack"] = "json"
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, value: str) -> str:
+        if is_redacted(value):
+            return value  # stands for a stored URL; restore_secrets swaps it back
+        try:
+            url = httpx.URL(value)
+            urlsplit(value).port  # noqa: B018 (a port out of 0-65535 raises here)
+        except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
+            raise ValueError(f"not a usable URL: {exc}") from None
+        if not url.host:
+            raise ValueError("the URL names no host")
+        return value
 
 
 class Rule(BaseModel):

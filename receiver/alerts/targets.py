@@ -90,7 +90,7 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     try:
         async with asyncio.timeout(RESOLVE_TIMEOUT_SECONDS):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, UnicodeError, ValueError) as exc:
         raise BlockedTarget(f"{host} does not resolve: {exc}") from None
     found: list[IPAddress] = []
     for info in infos:
