@@ -1,7 +1,7 @@
 """Hostile Runflow deliveries, signed, posted to the in-process app: never a 500, always a
 documented answer, and every delivery an answer names can be read back.
 
-``RECEIVER_FUZZ_PAYLOADS`` cases per shape (default a few dozen for the main suite; the CI
+``RECEIVER_FUZZ_PAYLOADS`` cases per shape (default a few dozen for a quick run; the CI
 stage runs thousands). Shapes: the per-run envelope, the batch callback, the Run object as the
 docs have it and as Runflow's JS SDK types it (SPEC section 1), each with hostile values:
 nesting thousands deep, numbers beyond float and int64, datetimes such as

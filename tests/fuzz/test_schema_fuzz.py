@@ -1,11 +1,11 @@
 """Schemathesis over every operation of /openapi.json, with ingest bodies signed.
 
 Each operation gets its share of ``RECEIVER_FUZZ_CASES`` (default: a few hundred in all, for
-the main suite; ``.ci/fuzz`` runs at least 10,000), positive and negative cases mixed. Every
-answer must be documented (status, content type, body schema), none a 500, and a delivery an
-answer names must read back from GET /deliveries/{id}. Webhook bodies are signed with the
-test secret after serialisation, so fuzzed callbacks reach parsing, the archive and the merge
-instead of stopping at 401; query operations carry the bearer token.
+a quick ``pytest -m fuzz``; ``.ci/fuzz`` runs at least 10,000), positive and negative cases
+mixed. Every answer must be documented (status, content type, body schema), none a 500, and
+a delivery an answer names must read back from GET /deliveries/{id}. Webhook bodies are
+signed with the test secret after serialisation, so fuzzed callbacks reach parsing, the
+archive and the merge instead of stopping at 401; query operations carry the bearer token.
 """
 
 from __future__ import annotations
