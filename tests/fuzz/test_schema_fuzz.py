@@ -41,7 +41,7 @@ pytestmark = pytest.mark.fuzz
 
 DOCUMENT = build_document(all_operations())
 SCHEMA = schemathesis.openapi.from_dict(DOCUMENT)
-OPERATIONS = {
+OPERATIONS: dict[str, Any] = {
     op.label: op
     for op in (result.ok() for result in SCHEMA.get_all_operations())  # type: ignore[union-attr]
 }
