@@ -20,6 +20,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import checks
+from schemathesis.core.failures import Failure, FailureGroup
 from schemathesis.generation.modes import GenerationMode
 
 from receiver.ingest.signature import sign
@@ -184,7 +185,8 @@ def test_fuzzed_operation_answers_are_documented_and_never_500(label, fuzz_app):
         problem = None
         try:
             case.validate_response(response, checks=CHECKS)
-        except Exception as exc:  # a check failure, described for the report
+        # FailureGroup is a BaseExceptionGroup: ``except Exception`` would let it through.
+        except (Failure, FailureGroup) as exc:  # a check failure, described for the report
             problem = f"{type(exc).__name__}: {str(exc)[:800]}"
         problem = problem or read_back_problem(fuzz_app, response)
         tally.record(response, problem, f"{method} {url} params={params}", body)
