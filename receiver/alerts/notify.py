@@ -17,7 +17,7 @@ import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.alerts.targets import BlockedTarget, checked_address, redact_url
+from receiver.alerts.targets import BlockedTarget, checked_addresses, redact_url
 from receiver.backoff import full_jitter
 from receiver.db import driver_connection
 from receiver.ingest.signature import sign
@@ -89,19 +89,26 @@ async def post_hook(
     redirects are never followed.
     """
     try:
-        address = await checked_address(url, allow_private=settings.alert_allow_private_targets)
+        addresses = await checked_addresses(url, allow_private=settings.alert_allow_private_targets)
         target = httpx.URL(url)
         request_headers = {**headers, "host": target.netloc.decode("ascii")}
-        pinned = target.copy_with(host=str(address))
         # httpx's timeout bounds each phase; a hook trickling its answer needs a total deadline.
         async with asyncio.timeout(settings.alert_timeout_seconds):
-            response = await client.post(
-                pinned,
-                content=body,
-                headers=request_headers,
-                follow_redirects=False,
-                extensions={"sni_hostname": target.raw_host.decode("ascii")},
-            )
+            for index, address in enumerate(addresses):
+                try:
+                    response = await client.post(
+                        target.copy_with(host=str(address)),
+                        content=body,
+                        headers=request_headers,
+                        follow_redirects=False,
+                        extensions={"sni_hostname": target.raw_host.decode("ascii")},
+                    )
+                    break
+                except httpx.ConnectError:
+                    # The next checked address (localhost: ::1, then 127.0.0.1), as any
+                    # client would; the last one's error is the answer.
+                    if index == len(addresses) - 1:
+                        raise
     except BlockedTarget as exc:
         return "blocked", f"refused: {exc}"
     except (httpx.TimeoutException, TimeoutError):

@@ -102,18 +102,17 @@ async def resolve(host: str, port: int) -> list[IPAddress]:
     return found
 
 
-async def checked_address(url: str, *, allow_private: bool) -> IPAddress:
-    """The address to connect to for ``url``, after checking every address its host has.
-
-    ``BlockedTarget`` when any of them is not public (unless ``allow_private``).
-    """
+async def checked_addresses(url: str, *, allow_private: bool) -> list[IPAddress]:
+    """The addresses to connect to for ``url`` (in the resolver's order), once every address
+    its host has is checked: ``BlockedTarget`` when any is not public (unless
+    ``allow_private``)."""
     host, port = host_and_port(url)
     addresses = await resolve(host, port)
     if not allow_private:
         bad = [str(a) for a in addresses if forbidden(a)]
         if bad:
             raise BlockedTarget(f"{host} is, or resolves to, a non-public address: {bad[0]}")
-    return addresses[0]
+    return addresses
 
 
 async def check_rule_targets(urls: list[str], *, allow_private: bool) -> None:
