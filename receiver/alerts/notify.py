@@ -84,9 +84,9 @@ async def post_hook(
     The code (``blocked``, ``http_error``, ``timeout``, ``refused``, ``connect_error``) is what
     token holders see; the detail (the status, the exception) is for the server log and the
     operator's command line only, so a hook URL cannot be used to map what answers on which
-    port. The host is resolved and checked (``receiver.alerts.targets``) and the request goes
-    to the checked address, with the URL's host name kept for the Host header and TLS;
-    redirects are never followed.
+    port. The host is resolved and every address checked (``receiver.alerts.targets``); the
+    request goes only to those checked addresses, with the URL's host name kept for the Host
+    header and TLS; redirects are never followed.
     """
     try:
         addresses = await checked_addresses(url, allow_private=settings.alert_allow_private_targets)
