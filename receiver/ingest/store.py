@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from receiver.ingest.archive import ArchiveEntry
 from receiver.ingest.merge import RankEntries, merge_fields, owned_fields, payload_rank
 from receiver.ingest.payloads import RUN_FIELDS, ParsedPayload
+from receiver.responses import dumps
 from receiver.vocabulary import TERMINAL_RANK, DeliveryOutcome, precedence
 
 LOCK_BUCKETS = 1024
@@ -41,7 +40,7 @@ def json_text(value: Any) -> str | None:
     """JSON text for a jsonb parameter: the jsonb codec SQLAlchemy installs takes text."""
     if value is None:
         return None
-    return orjson.dumps(value, default=str).decode()
+    return dumps(value).decode()
 
 
 def byte_order(keys: Iterable[str]) -> list[str]:
