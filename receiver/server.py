@@ -6,10 +6,13 @@ limits, its signals, the worker processes' environment) lives here.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
+import sys
 
+from receiver.db import EmbeddedSupervisor
 from receiver.errors import ReceiverError
 from receiver.settings import ConfigError, Settings, load_settings
 from receiver.startup import ensure_credentials, prepare_database
@@ -35,6 +38,17 @@ def serve(
         except (OSError, ReceiverError) as exc:
             detail = getattr(exc, "details", None) or ""
             raise ConfigError(f"RECEIVER_ALERT_RULES_FILE: {exc} {detail}".strip()) from None
+    # Without a database URL the embedded server is ours to keep alive while we serve.
+    supervisor = (
+        None
+        if settings.database_url
+        else EmbeddedSupervisor(
+            settings.data_dir,
+            check_seconds=settings.embedded_check_seconds,
+            backoff_seconds=settings.embedded_restart_backoff_seconds,
+            backoff_max_seconds=settings.embedded_restart_backoff_max_seconds,
+        )
+    )
     url = prepare_database(settings, migrate=migrate)
     # Worker processes build their settings from the environment: hand them what was resolved.
     os.environ["RECEIVER_DATABASE_URL"] = url
@@ -46,24 +60,48 @@ def serve(
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    if supervisor is not None:
+        _count_outages(supervisor)
+        supervisor.start()
     host = host or settings.host
     port = port if port is not None else settings.port
     print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)
     # uvicorn re-raises SIGTERM after its graceful shutdown; with Python's default handler the
     # process would die without running atexit, leaving the embedded PostgreSQL running.
+    # With --workers N uvicorn's supervisor replaces this handler with its own (SIGTERM: stop
+    # the workers, which finish their in-flight requests, then return), and replaces a worker
+    # that died. The embedded server is stopped last, at exit, after the workers are gone.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    uvicorn.run(
-        "receiver.server:worker_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=settings.log_level,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            "receiver.server:worker_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=settings.log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
     return 0
+
+
+def _count_outages(supervisor: EmbeddedSupervisor) -> None:
+    """Count the embedded server's deaths and restarts in /metrics (this process's files)."""
+    if "prometheus_client" in sys.modules and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import values
+
+        if values.ValueClass is values.MutexValue:  # imported too early: counts would be lost
+            logging.getLogger(__name__).warning("embedded restarts will not show in /metrics")
+            return
+    from receiver import metrics
+
+    supervisor.on_down = metrics.EMBEDDED_OUTAGES.inc
+    supervisor.on_restart = metrics.EMBEDDED_RESTARTS.inc
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.db import CONNECTION_LOST, driver_connection
+from receiver.db import CONNECTION_LOST, driver_connection, transaction_timeouts
 from receiver.errors import (
     InvalidJson,
     InvalidPayload,
@@ -164,6 +164,7 @@ async def store_parsed(
     its queue item done there, so a merge and its bookkeeping commit together or not at all).
     """
     async with driver_connection(engine) as conn, conn.transaction():
+        await transaction_timeouts(conn, engine)
         result = await _store(conn, entry, parsed, replay_of, enrich)
         if also is not None:
             await also(conn, result)
