@@ -221,20 +221,28 @@ def test_sigterm_under_load_drains_in_flight_requests_and_exits_0(tmp_path: Path
     finally:
         stop(process)
         log.close()
-    # Requests sent before the signal had a connection accepted: each must have its answer.
-    before = [s for s in report.sent if s.due < termed_at - 0.5]
+    # Requests sent before the signal are in flight when it lands: each must have its answer.
+    before = [s for s in report.sent if s.due < termed_at]
     reset = [s for s in report.sent if s.error not in (None, "ConnectError")]
+    reset_before = [s for s in reset if s.due < termed_at]
     figures(
         "SIGTERM",
         report,
         exit_code=code,
-        answered_before_signal=sum(1 for s in before if s.status == 200),
-        reset_in_flight=len(reset),
+        sent_before_signal=len(before),
+        answered_200_before_signal=sum(1 for s in before if s.status == 200),
+        reset_in_flight=len(reset_before),
+        reset_after_signal_s=[round(s.due - termed_at, 3) for s in reset if s.due >= termed_at],
         refused_after=sum(1 for s in report.sent if s.error == "ConnectError"),
     )
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    assert reset == [], report.summary()
+    assert reset_before == [], report.summary()
     assert all(s.status == 200 for s in before), report.summary()
+    # After the signal new connections are refused (the sender retries elsewhere or later).
+    # A connection the kernel accepted in the instant the listener closed can still be reset:
+    # a handful at most, where keeping the supervisor's listener open used to reset every
+    # connection made during the drain.
+    assert len(reset) <= 3, report.summary()
     assert not any(
         p.info["name"] == "postgres" and str(data_dir) in " ".join(p.info["cmdline"] or [])
         for p in psutil.process_iter(["name", "cmdline"])
