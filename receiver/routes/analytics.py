@@ -26,7 +26,7 @@ async def _slot(request: Request) -> AsyncIterator[None]:
     """One of the process's analytics slots, taken after the parameters were checked (a bad
     request is a 422 at once); past the limit a request waits briefly, then gets 503."""
     try:
-        async with _slot(request):
+        async with resources(request).analytics_limit.slot():
             yield
     except Busy:
         metrics.ANALYTICS_REFUSED.inc()

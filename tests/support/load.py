@@ -191,3 +191,100 @@ async def missing_acknowledged(database_url: str, report: LoadReport) -> list[Se
     finally:
         await conn.close()
     return [s for s in acked if s.delivery_id not in deliveries or s.run_id not in runs]
+
+
+async def seed_runs(database_url: str, count: int, *, prefix: str = "an") -> None:
+    """``count`` terminal runs spread over the last 7 days, for analytics to chew on."""
+    conn = await asyncpg.connect(plain_url(database_url), timeout=30)
+    try:
+        await conn.execute(
+            "INSERT INTO runs (id, status, model, failure_code, failure_stage, duration_ms,"
+            " cost, target_type, created_at, completed_at)"
+            " SELECT $1 || '-' || g,"
+            "  CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'succeeded' END, 'model-' || (g % 8),"
+            "  CASE WHEN g % 10 = 0 THEN 'code-' || (g % 7) END,"
+            "  CASE WHEN g % 10 = 0 THEN 'execution' END, (g * 7919) % 60000,"
+            "  (g % 1000) / 10000.0, 'model',"
+            "  now() - (g % 604000) * interval '1 second',"
+            "  now() - (g % 604000) * interval '1 second' + interval '30 seconds'"
+            " FROM generate_series(1, $2::int) AS g",
+            prefix,
+            count,
+        )
+        await conn.execute("ANALYZE runs")
+    finally:
+        await conn.close()
+
+
+ANALYTICS_PATHS = (
+    "/analytics/durations?group_by=model",
+    "/analytics/costs?group_by=model",
+    "/analytics/failures",
+    "/analytics/timeseries?bucket=hour",
+)
+
+
+async def analytics_pressure(
+    base_url: str, token: str, *, clients: int, stop: asyncio.Event, window_days: int = 7
+) -> Counter[int | str]:
+    """``clients`` dashboards, each asking for a long analytics window again and again.
+
+    Returns the answers' statuses (and exception names) until ``stop`` is set.
+    """
+    from datetime import UTC, datetime, timedelta
+
+    after = (datetime.now(UTC) - timedelta(days=window_days)).isoformat()
+    seen: Counter[int | str] = Counter()
+
+    async def dashboard(client: httpx.AsyncClient, offset: int) -> None:
+        turn = offset
+        while not stop.is_set():
+            path = ANALYTICS_PATHS[turn % len(ANALYTICS_PATHS)]
+            turn += 1
+            try:
+                answer = await client.get(
+                    f"{base_url}{path}",
+                    params={"created_after": after},
+                    headers={"authorization": f"Bearer {token}"},
+                )
+            except httpx.HTTPError as exc:
+                seen[type(exc).__name__] += 1
+                continue
+            seen[answer.status_code] += 1
+            if answer.status_code == 503:
+                # What a dashboard does with Retry-After, shortened so the pressure stays on.
+                await asyncio.sleep(0.2)
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        await asyncio.gather(*(dashboard(client, i) for i in range(clients)))
+    return seen
+
+
+async def ingest_beside_analytics(
+    base_url: str,
+    token: str,
+    *,
+    rate: float,
+    seconds: float,
+    prefix: str,
+    analytics_clients: int,
+) -> tuple[LoadReport, Counter[int | str]]:
+    """A paced ingest load, with ``analytics_clients`` dashboards hammering analytics (0: none)."""
+    stop = asyncio.Event()
+    pressure = (
+        asyncio.create_task(
+            analytics_pressure(base_url, token, clients=analytics_clients, stop=stop)
+        )
+        if analytics_clients
+        else None
+    )
+    if pressure is not None:
+        await asyncio.sleep(1)  # let the dashboards get going first
+    try:
+        report = await run_load(
+            base_url, rate=rate, seconds=seconds, prefix=prefix, request_timeout=30
+        )
+    finally:
+        stop.set()
+    seen = await pressure if pressure is not None else Counter()
+    return report, seen
