@@ -23,6 +23,7 @@ import pytest
 from tests.support.builders import SIGNING_SECRET
 from tests.support.load import LoadReport, missing_acknowledged, run_load
 from tests.support.processes import (
+    embedded_postgres_running,
     embedded_url,
     free_port,
     postgres_processes,
@@ -243,10 +244,9 @@ def test_sigterm_under_load_drains_in_flight_requests_and_exits_0(tmp_path: Path
     # a handful at most, where keeping the supervisor's listener open used to reset every
     # connection made during the drain.
     assert len(reset) <= 3, report.summary()
-    assert not any(
-        p.info["name"] == "postgres" and str(data_dir) in " ".join(p.info["cmdline"] or [])
-        for p in psutil.process_iter(["name", "cmdline"])
-    ), "the embedded server stops with serve"
+    assert wait_for(lambda: not embedded_postgres_running(data_dir), seconds=30), (
+        "the embedded server stops with serve"
+    )
 
     # The same data directory, served again: everything acknowledged is there.
     with serving(env, tmp_path, workers=1):

@@ -162,3 +162,19 @@ def wait_for(predicate: Any, *, seconds: float, step: float = 0.2) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(step)
+
+
+def embedded_postgres_running(data_dir: Path) -> list[int]:
+    """Pids of live ``postgres`` processes serving a data directory under ``data_dir``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        try:
+            if proc.info["name"] != "postgres" or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(str(data_dir) in part for part in proc.info["cmdline"] or []):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
