@@ -51,6 +51,10 @@ DELIVERIES = Counter(
     "Webhook requests by outcome (stored, duplicate, rejected, unavailable, error) and cause",
     ["outcome", "cause"],
 )
+# Series exist from start-up at zero: a restart with no traffic since is visible as zero, not
+# as an absent series that rate() == 0 alerts never see.
+for _outcome in ("stored", "duplicate"):
+    DELIVERIES.labels(_outcome, "")
 INGEST_SECONDS = Histogram(
     "runflow_receiver_ingest_seconds",
     "Time to handle a webhook request, body read to answer",
@@ -74,6 +78,7 @@ EMBEDDED_OUTAGES = Counter(
     "runflow_receiver_embedded_database_outages",
     "Times serve found its embedded PostgreSQL dead",
 )
+RUNS_TERMINAL.labels("failed")  # so the first failure after a restart counts in increase()
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
