@@ -16,8 +16,11 @@ from typing import Any
 
 from receiver.db import EmbeddedSupervisor
 from receiver.errors import ReceiverError
+from receiver.logs import logging_config
 from receiver.settings import ConfigError, Settings, load_settings
 from receiver.startup import ensure_credentials, prepare_database
+
+log = logging.getLogger(__name__)
 
 
 def serve(
@@ -67,7 +70,11 @@ def serve(
         supervisor.start()
     host = host or settings.host
     port = port if port is not None else settings.port
-    print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)
+    log.info(
+        "receiving Runflow callbacks at http://%s:%s/webhooks/runflow",
+        host,
+        port,
+    )
     # uvicorn re-raises SIGTERM after its graceful shutdown; with Python's default handler the
     # process would die without running atexit, leaving the embedded PostgreSQL running.
     # With --workers N uvicorn's supervisor replaces this handler with its own (SIGTERM: stop
@@ -82,10 +89,17 @@ def serve(
                 host=host,
                 port=port,
                 workers=workers,
+                # Spawned workers apply this dict themselves: one format for uvicorn's and ours.
+                log_config=logging_config(settings),
                 log_level=settings.log_level,
-                access_log=False,
+                access_log=False,  # receiver.logs.AccessLog logs each request (with its duration)
                 lifespan="on",
                 timeout_graceful_shutdown=10,
+                # h11, not httptools: h11 enforces a limit on the request line plus headers.
+                http="receiver.server:HeaderDeadlineH11Protocol",
+                h11_max_incomplete_event_size=settings.max_header_bytes,
+                timeout_keep_alive=settings.keepalive_timeout_seconds,
+                limit_concurrency=settings.max_connections,
             )
         )
     finally:
@@ -142,11 +156,48 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def _protocol_class() -> type:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        """uvicorn's h11 protocol with a deadline on headers as well as on idleness.
+
+        uvicorn closes a keep-alive connection that stays silent, but any byte cancels that
+        timer, so a client dripping a header byte a second (or one that connects and never
+        sends) holds the connection forever. Here the same timer starts when the connection
+        opens and after each response, and only a complete request line and headers stop it.
+        """
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+        def data_received(self, data: bytes) -> None:
+            # Unlike the base class, data does not stop the timer: a parsed request does.
+            self.conn.receive_data(data)
+            self.handle_events()
+
+        def timeout_keep_alive_handler(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use so importing this module does not import uvicorn.
+    if name == "HeaderDeadlineH11Protocol":
+        return _protocol_class()
+    raise AttributeError(name)
+
+
 def worker_app() -> object:
     """The app in a uvicorn worker process, configured from the environment ``serve`` set."""
     from receiver.app import create_app
-    from receiver.logs import configure_logging
+    from receiver.logs import AccessLog, configure_logging
 
     settings = load_settings()
     configure_logging(settings)
-    return create_app(settings, database_url=settings.database_url)
+    return AccessLog(create_app(settings, database_url=settings.database_url))
