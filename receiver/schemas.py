@@ -124,6 +124,7 @@ class DeliveryDetail(DeliveryOut):
 
 class DeliveryList(_Out):
     items: list[DeliveryOut]
+    next_cursor: str | None
 
 
 class DeliveryPage(_Out):

@@ -13,6 +13,7 @@ from receiver.errors import InvalidQuery, NotFound
 from receiver.queryparams import decode_cursor, encode_cursor, parse_filters, parse_limit
 from receiver.resources import resources
 from receiver.responses import ORJSONResponse
+from receiver.routes.reads import bounded
 from receiver.schemas import (
     DeliveryDetail,
     DeliveryList,
@@ -47,6 +48,7 @@ def _id_path(request: Request) -> int:
     return delivery_id
 
 
+@bounded
 async def list_runs(request: Request) -> Response:
     filters = parse_filters(request.query_params)
     limit = parse_limit(request.query_params)
@@ -61,6 +63,7 @@ async def list_runs(request: Request) -> Response:
     return ORJSONResponse({"items": items, "next_cursor": cursor})
 
 
+@bounded
 async def get_run(request: Request) -> Response:
     run_id = _text_path(request, "run_id")
     run = await queries.get_run(resources(request).reads, run_id)
@@ -69,14 +72,19 @@ async def get_run(request: Request) -> Response:
     return ORJSONResponse(run)
 
 
+@bounded
 async def run_deliveries(request: Request) -> Response:
     run_id = _text_path(request, "run_id")
+    limit = parse_limit(request.query_params)
+    after = decode_cursor(request.query_params, (datetime, int))
     engine = resources(request).reads
     if await queries.get_run(engine, run_id) is None:
         raise NotFound(f"no run {run_id!r}")
-    return ORJSONResponse({"items": await queries.run_deliveries(engine, run_id)})
+    items, last = await queries.run_deliveries(engine, run_id, limit=limit, after=after)
+    return ORJSONResponse({"items": items, "next_cursor": encode_cursor(*last) if last else None})
 
 
+@bounded
 async def list_deliveries(request: Request) -> Response:
     outcomes = [
         v.strip()
@@ -100,6 +108,7 @@ async def list_deliveries(request: Request) -> Response:
     return ORJSONResponse({"items": items, "next_cursor": encode_cursor(*last) if last else None})
 
 
+@bounded
 async def get_delivery(request: Request) -> Response:
     delivery_id = _id_path(request)
     found = await queries.get_delivery(resources(request).reads, delivery_id)
@@ -146,10 +155,10 @@ GET_RUN = Operation(
 RUN_DELIVERIES = Operation(
     "/runs/{run_id}/deliveries",
     "get",
-    "Every delivery that touched a run, oldest first",
+    "Every delivery that touched a run, oldest first, paged by cursor",
     {200: DeliveryList, 404: ErrorBody, **_ERRORS},
     endpoint=run_deliveries,
-    params=(RUN_ID,),
+    params=(RUN_ID, *PAGE_PARAMS),
     tags=("runs",),
 )
 

@@ -7,6 +7,7 @@ code, and what the archive holds afterwards (for unauthenticated requests: nothi
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 from datetime import UTC, datetime
@@ -616,3 +617,27 @@ async def test_headers_over_the_limit_are_431_and_leave_no_row(client, db):
     assert response.status_code == 431
     assert error_of(response)["code"] == "headers_too_large"
     assert await table_counts(db) == before
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"run_id": "big_out", "status": "succeeded", "output": {"n": 18446744073709551616}},
+        {"run_id": "big_meta", "status": "succeeded", "metadata": -9223372036854775809},
+        {"run_id": "big_list", "status": "failed", "output": {"error": {"code": [2**70]}}},
+    ],
+)
+async def test_an_integer_beyond_64_bits_is_422_and_kept(client, db, doc):
+    # Found by the fuzz campaign: the store's JSON encoder cannot write such a number back.
+    response = await post_delivery(client, json.dumps(doc).encode())
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_payload" and "64" in error["message"]
+    async with db.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT outcome, cause, body FROM deliveries WHERE id = :id"),
+                {"id": error["delivery_id"]},
+            )
+        ).one()
+    assert row.outcome == "rejected" and row.cause == "invalid_payload" and row.body
