@@ -72,16 +72,6 @@ def decode_json(body: bytes) -> dict[str, Any]:
 
 # Deeper than any real Run object, far below orjson's encoder limit (255) and Python's stack.
 MAX_DEPTH = 64
-# JSON numbers the store's encoder can write back exactly (orjson: int64 through uint64).
-INTEGER_RANGE = (-(2**63), 2**64 - 1)
-
-
-def _check_integer(value: object, top: str | None) -> None:
-    if type(value) is int and not INTEGER_RANGE[0] <= value <= INTEGER_RANGE[1]:
-        raise InvalidPayload(
-            "payload holds an integer beyond 64 bits",
-            [{"loc": top or "(body)", "msg": "integer beyond the 64-bit range"}],
-        )
 
 
 def bounded_document(document: dict[str, Any], *, scrub_nul: bool = True) -> dict[str, Any]:
@@ -109,8 +99,6 @@ def bounded_document(document: dict[str, Any], *, scrub_nul: bool = True) -> dic
                         value[key] = item.replace("\x00", "\ufffd")
                 elif isinstance(item, dict | list):
                     stack.append((item, depth + 1, top or key))
-                else:
-                    _check_integer(item, top or key)
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 if isinstance(item, str):
@@ -118,8 +106,6 @@ def bounded_document(document: dict[str, Any], *, scrub_nul: bool = True) -> dic
                         value[index] = item.replace("\x00", "\ufffd")
                 elif isinstance(item, dict | list):
                     stack.append((item, depth + 1, top))
-                else:
-                    _check_integer(item, top)
     raise InvalidPayload("payload has too many values")
 
 
