@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,11 +22,11 @@ from receiver.alerts.evaluate import run_evaluator
 from receiver.alerts.notify import run_sender
 from receiver.alerts.rules import load_rules_file
 from receiver.alerts.store import upsert_rule
-from receiver.db import DATABASE_DOWN, create_engine, resolve_database_url
+from receiver.db import DATABASE_DOWN, down_cause, resolve_database_url
 from receiver.enrichment import Enricher
 from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailable
 from receiver.reconciliation import run_reconciler
-from receiver.resources import Resources
+from receiver.resources import open_resources
 from receiver.responses import error_response
 from receiver.routes import all_operations, static_routes
 from receiver.settings import Settings
@@ -55,6 +56,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _database_down(request: Request, exc: Exception) -> Response:
     log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
     return error_response(Unavailable("storage is unavailable; retry later"))
+
+
+async def _dbapi_error(request: Request, exc: Exception) -> Response:
+    """SQLAlchemy's wrapper of a driver error: 503 when the database is unavailable."""
+    if down_cause(exc) is not None:
+        return await _database_down(request, exc)
+    return await _internal_error(request, exc)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
@@ -92,19 +100,27 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         url = database_url or resolve_database_url(settings)[0]
-        engine = create_engine(url, pool_size=settings.db_pool_size)
-        app.state.resources = Resources(settings=settings, engine=engine)
+        res = open_resources(settings, url)
+        app.state.resources = res
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
         if run_worker:
-            background += await _start_background(settings, engine, stop)
+            # Background work has its own pool: it can never hold the connections ingest needs.
+            background += await _start_background(settings, res.background, stop)
         try:
             yield
         finally:
+            # uvicorn runs this after the in-flight requests have finished (or its graceful
+            # timeout ran out): the loops stop at their next safe point, then the pools close.
             stop.set()
             if background:
-                await asyncio.wait(background, timeout=15)
-            await engine.dispose()
+                _, pending = await asyncio.wait(background, timeout=15)
+                for task in pending:
+                    log.warning("background task %s did not stop in 15s; cancelling", task)
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=5)
+            await res.dispose()
 
     operations = all_operations()
     app = Starlette(
@@ -114,6 +130,7 @@ def create_app(
             ReceiverError: _receiver_error,
             HTTPException: _http_error,
             **dict.fromkeys(DATABASE_DOWN, _database_down),
+            DBAPIError: _dbapi_error,
             Exception: _internal_error,
         },
     )

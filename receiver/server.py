@@ -6,12 +6,15 @@ limits, its signals, the worker processes' environment) lives here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import sys
 from typing import Any
 
+from receiver.db import EmbeddedSupervisor
 from receiver.errors import ReceiverError
 from receiver.logs import logging_config
 from receiver.settings import ConfigError, Settings, load_settings
@@ -40,6 +43,17 @@ def serve(
         except (OSError, ReceiverError) as exc:
             detail = getattr(exc, "details", None) or ""
             raise ConfigError(f"RECEIVER_ALERT_RULES_FILE: {exc} {detail}".strip()) from None
+    # Without a database URL the embedded server is ours to keep alive while we serve.
+    supervisor = (
+        None
+        if settings.database_url
+        else EmbeddedSupervisor(
+            settings.data_dir,
+            check_seconds=settings.embedded_check_seconds,
+            backoff_seconds=settings.embedded_restart_backoff_seconds,
+            backoff_max_seconds=settings.embedded_restart_backoff_max_seconds,
+        )
+    )
     url = prepare_database(settings, migrate=migrate)
     # Worker processes build their settings from the environment: hand them what was resolved.
     os.environ["RECEIVER_DATABASE_URL"] = url
@@ -51,6 +65,9 @@ def serve(
         shutil.rmtree(metrics_dir, ignore_errors=True)
         metrics_dir.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    if supervisor is not None:
+        _count_outages(supervisor)
+        supervisor.start()
     host = host or settings.host
     port = port if port is not None else settings.port
     log.info(
@@ -60,26 +77,79 @@ def serve(
     )
     # uvicorn re-raises SIGTERM after its graceful shutdown; with Python's default handler the
     # process would die without running atexit, leaving the embedded PostgreSQL running.
+    # With --workers N uvicorn's supervisor replaces this handler with its own (SIGTERM: stop
+    # the workers, which finish their in-flight requests, then return), and replaces a worker
+    # that died. The embedded server is stopped last, at exit, after the workers are gone.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    uvicorn.run(
-        "receiver.server:worker_app",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        # Spawned workers apply this dict themselves: one format for uvicorn's lines and ours.
-        log_config=logging_config(settings),
-        log_level=settings.log_level,
-        access_log=False,  # receiver.logs.AccessLog logs each request (with its duration)
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-        # h11, not httptools: h11 enforces a limit on the request line plus headers.
-        http="receiver.server:HeaderDeadlineH11Protocol",
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        timeout_keep_alive=settings.keepalive_timeout_seconds,
-        limit_concurrency=settings.max_connections,
-    )
+    try:
+        _run_uvicorn(
+            uvicorn.Config(
+                "receiver.server:worker_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                # Spawned workers apply this dict themselves: one format for uvicorn's and ours.
+                log_config=logging_config(settings),
+                log_level=settings.log_level,
+                access_log=False,  # receiver.logs.AccessLog logs each request (with its duration)
+                lifespan="on",
+                timeout_graceful_shutdown=10,
+                # h11, not httptools: h11 enforces a limit on the request line plus headers.
+                http="receiver.server:HeaderDeadlineH11Protocol",
+                h11_max_incomplete_event_size=settings.max_header_bytes,
+                timeout_keep_alive=settings.keepalive_timeout_seconds,
+                limit_concurrency=settings.max_connections,
+            )
+        )
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
     return 0
+
+
+def _run_uvicorn(config: Any) -> None:
+    """``uvicorn.run`` with one change for several workers: the listener closes on SIGTERM.
+
+    uvicorn's supervisor keeps its copy of the listening socket until every worker has
+    drained and exited; meanwhile the kernel still completes handshakes into the backlog that
+    no one will accept, and resets them all at exit. Closing the supervisor's copy as soon as
+    the workers are told to stop makes late senders see a refused connection (retried at once
+    elsewhere) instead of a request that was accepted and then reset.
+    """
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    if config.workers <= 1:
+        server = uvicorn.Server(config=config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run()
+        if not server.started:
+            sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run would
+        return
+
+    class Draining(Multiprocess):
+        def terminate_all(self) -> None:
+            super().terminate_all()
+            for sock in self.sockets:
+                sock.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        Draining(config, sockets=[config.bind_socket()]).run()
+
+
+def _count_outages(supervisor: EmbeddedSupervisor) -> None:
+    """Count the embedded server's deaths and restarts in /metrics (this process's files)."""
+    if "prometheus_client" in sys.modules and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import values
+
+        if values.ValueClass is values.MutexValue:  # imported too early: counts would be lost
+            logging.getLogger(__name__).warning("embedded restarts will not show in /metrics")
+            return
+    from receiver import metrics
+
+    supervisor.on_down = metrics.EMBEDDED_OUTAGES.inc
+    supervisor.on_restart = metrics.EMBEDDED_RESTARTS.inc
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -42,12 +42,33 @@ class Settings(BaseSettings):
     runflow_org_id: str | None = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "console"] = "console"
-    # Pool size per worker process; two workers x this must stay under max_connections.
+    # Ingest pool size per worker process; with overflow and the read and background pools a
+    # worker opens up to 2 x (db_pool_size + read_pool_size + background_pool_size)
+    # connections, which times the workers must stay under PostgreSQL's max_connections.
     db_pool_size: int = Field(default=10, ge=1, le=200)
     # Group commit (receiver.ingest.batcher): the most deliveries one ingest transaction
     # writes, and how many such transactions a worker keeps in flight.
     ingest_batch_max: int = Field(default=64, ge=1, le=10000)
     ingest_flushers: int = Field(default=2, ge=1, le=32)
+    # Database time limits (seconds). Ingest's are short so a stuck database or a stuck lock
+    # holder turns a delivery into a 503 + Retry-After within seconds (Runflow retries it);
+    # reads (queries, analytics) and background work get their own, longer limits and their
+    # own pools, so neither can take the connections ingest needs.
+    db_connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    db_pool_timeout_seconds: float = Field(default=2.0, gt=0)
+    ingest_statement_timeout_seconds: float = Field(default=5.0, gt=0)
+    ingest_lock_timeout_seconds: float = Field(default=2.0, gt=0)
+    read_statement_timeout_seconds: float = Field(default=30.0, gt=0)
+    background_statement_timeout_seconds: float = Field(default=60.0, gt=0)
+    read_pool_size: int = Field(default=4, ge=1, le=200)
+    background_pool_size: int = Field(default=4, ge=1, le=200)
+    # Analytics requests running at once per process; more wait this long, then get 503.
+    analytics_concurrency: int = Field(default=2, ge=1, le=64)
+    analytics_queue_seconds: float = Field(default=1.0, ge=0)
+    # Supervision of the embedded PostgreSQL (serve without RECEIVER_DATABASE_URL).
+    embedded_check_seconds: float = Field(default=0.5, gt=0)
+    embedded_restart_backoff_seconds: float = Field(default=0.5, gt=0)
+    embedded_restart_backoff_max_seconds: float = Field(default=10.0, gt=0)
     # Enrichment from Runflow's API: runs are queued whenever runflow_api_key is set; the
     # concurrency is this process's worker tasks (0: no worker here, e.g. an HTTP-only serve
     # next to separate `runflow-receiver worker` processes).

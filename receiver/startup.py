@@ -154,4 +154,11 @@ def _prepare(url: str, *, embedded: bool, migrate: bool) -> str:
 def open_engine(settings: Settings) -> AsyncEngine:
     """An engine on the configured database, whose schema must be at head (or ahead of it)."""
     url = prepare_database(settings, migrate=False)
-    return create_engine(url, pool_size=max(2, settings.enrichment_concurrency + 1))
+    # The commands' work is background work: its time limits, not the library defaults.
+    return create_engine(
+        url,
+        pool_size=max(2, settings.enrichment_concurrency + 1),
+        connect_timeout=settings.db_connect_timeout_seconds,
+        pool_timeout=max(settings.db_pool_timeout_seconds, 10.0),
+        command_timeout=settings.background_statement_timeout_seconds,
+    )

@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.db import CONNECTION_LOST, DATABASE_DOWN, driver_connection
+from receiver.db import CONNECTION_LOST, DATABASE_DOWN, driver_connection, transaction_timeouts
 from receiver.ingest import store
 from receiver.ingest.store import Item, StoreResult
 
@@ -36,8 +36,18 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
 )
 ATTEMPTS = 4
-# Errors that say the database cannot be reached, not that an item is bad.
-_UNREACHABLE: tuple[type[BaseException], ...] = (*DATABASE_DOWN, *CONNECTION_LOST)
+# Errors that say the database cannot be reached, not that an item is bad. A lock timeout, a
+# deadlock past its retries or running out of lock memory may be one item's doing: isolate.
+_UNREACHABLE: tuple[type[BaseException], ...] = tuple(
+    kind
+    for kind in (*DATABASE_DOWN, *CONNECTION_LOST)
+    if not issubclass(
+        kind,
+        asyncpg.exceptions.LockNotAvailableError
+        | asyncpg.exceptions.TransactionRollbackError
+        | asyncpg.exceptions.InsufficientResourcesError,
+    )
+)
 
 Also = Callable[[Any, StoreResult], Awaitable[None]]
 
@@ -52,6 +62,7 @@ async def write_items(
     for attempt in range(ATTEMPTS):
         try:
             async with driver_connection(engine) as conn, conn.transaction():
+                await transaction_timeouts(conn, engine)
                 results = await store.store_items(conn, items)
                 if also is not None:
                     await also(conn, results[0])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from starlette.requests import Request
 from starlette.responses import Response
 
-from receiver import analytics
+from receiver import analytics, metrics
 from receiver.apidoc import FILTER_PARAMS, Operation, Param, group_by_param
 from receiver.errors import InvalidQuery
+from receiver.limits import Busy
 from receiver.queryparams import parse_filters, parse_group_by, with_default_window
 from receiver.resources import resources
 from receiver.responses import ORJSONResponse
@@ -18,11 +22,25 @@ _ERRORS: dict[int, type[ErrorBody] | None] = {401: ErrorBody, 422: ErrorBody, 50
 _WINDOW = " Window: [created_after, created_before), default the last 24 hours, at most 366 days."
 
 
+@asynccontextmanager
+async def _slot(request: Request) -> AsyncIterator[None]:
+    """One of the process's analytics slots, taken after the parameters were checked (a bad
+    request is a 422 at once); past the limit a request waits briefly, then gets 503."""
+    try:
+        async with resources(request).analytics_limit.slot():
+            yield
+    except Busy:
+        metrics.ANALYTICS_REFUSED.inc()
+        raise
+
+
 @bounded
 async def failures(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["failure_code", "failure_stage"])
-    return ORJSONResponse(await analytics.failures(resources(request).engine, filters, group_by))
+    async with _slot(request):
+        result = await analytics.failures(resources(request).reads, filters, group_by)
+    return ORJSONResponse(result)
 
 
 @bounded
@@ -34,7 +52,8 @@ async def timeseries(request: Request) -> Response:
             f"bucket must be one of {', '.join(analytics.BUCKETS)}", [{"param": "bucket"}]
         )
     group_by = parse_group_by(request.query_params, [], most=1)
-    result = await analytics.timeseries(resources(request).engine, filters, bucket, group_by)
+    async with _slot(request):
+        result = await analytics.timeseries(resources(request).reads, filters, bucket, group_by)
     return ORJSONResponse(result)
 
 
@@ -42,14 +61,18 @@ async def timeseries(request: Request) -> Response:
 async def durations(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["model"])
-    return ORJSONResponse(await analytics.durations(resources(request).engine, filters, group_by))
+    async with _slot(request):
+        result = await analytics.durations(resources(request).reads, filters, group_by)
+    return ORJSONResponse(result)
 
 
 @bounded
 async def costs(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["model"])
-    return ORJSONResponse(await analytics.costs(resources(request).engine, filters, group_by))
+    async with _slot(request):
+        result = await analytics.costs(resources(request).reads, filters, group_by)
+    return ORJSONResponse(result)
 
 
 FAILURES = Operation(

@@ -14,7 +14,7 @@ from receiver.schemas import EnrichmentStatus, ErrorBody
 
 async def status(request: Request) -> Response:
     res = resources(request)
-    body = {"enabled": res.settings.enrichment_queueing, **await queue_status(res.engine)}
+    body = {"enabled": res.settings.enrichment_queueing, **await queue_status(res.reads)}
     return ORJSONResponse(body)
 
 

@@ -14,7 +14,7 @@ from receiver.schemas import ErrorBody, ReconciliationStatus
 
 async def status(request: Request) -> Response:
     res = resources(request)
-    body = ReconciliationStatus(**await reconcile_status(res.settings, res.engine))
+    body = ReconciliationStatus(**await reconcile_status(res.settings, res.reads))
     return ORJSONResponse(body.model_dump(mode="json"))
 
 

@@ -54,7 +54,7 @@ async def list_runs(request: Request) -> Response:
     limit = parse_limit(request.query_params)
     after = decode_cursor(request.query_params, (datetime, str))
     items, last = await queries.list_runs(
-        resources(request).engine,
+        resources(request).reads,
         filters,
         limit=limit,
         after=after,
@@ -66,7 +66,7 @@ async def list_runs(request: Request) -> Response:
 @bounded
 async def get_run(request: Request) -> Response:
     run_id = _text_path(request, "run_id")
-    run = await queries.get_run(resources(request).engine, run_id)
+    run = await queries.get_run(resources(request).reads, run_id)
     if run is None:
         raise NotFound(f"no run {run_id!r}")
     return ORJSONResponse(run)
@@ -77,7 +77,7 @@ async def run_deliveries(request: Request) -> Response:
     run_id = _text_path(request, "run_id")
     limit = parse_limit(request.query_params)
     after = decode_cursor(request.query_params, (datetime, int))
-    engine = resources(request).engine
+    engine = resources(request).reads
     if await queries.get_run(engine, run_id) is None:
         raise NotFound(f"no run {run_id!r}")
     items, last = await queries.run_deliveries(engine, run_id, limit=limit, after=after)
@@ -100,7 +100,7 @@ async def list_deliveries(request: Request) -> Response:
     limit = parse_limit(request.query_params)
     after = decode_cursor(request.query_params, (datetime, int))
     items, last = await queries.list_deliveries(
-        resources(request).engine,
+        resources(request).reads,
         outcomes=outcomes,
         limit=limit,
         after=after,
@@ -111,7 +111,7 @@ async def list_deliveries(request: Request) -> Response:
 @bounded
 async def get_delivery(request: Request) -> Response:
     delivery_id = _id_path(request)
-    found = await queries.get_delivery(resources(request).engine, delivery_id)
+    found = await queries.get_delivery(resources(request).reads, delivery_id)
     if found is None:
         raise NotFound(f"delivery {delivery_id} not found")
     return ORJSONResponse(found)

@@ -20,12 +20,14 @@ from receiver.simulate import SendReport, SimDelivery, generate_traffic, send
 from tests.support.builders import SIGNING_SECRET
 from tests.support.database import truncate_all
 from tests.support.processes import (
+    embedded_postgres_running,
     embedded_url,
     postmaster_pid,
     receiver_env,
     run_cli,
     serving,
     stop,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -196,6 +198,8 @@ def test_acknowledged_deliveries_survive_restarts_of_server_and_embedded_databas
         url = embedded_url(data_dir)
         kept = asyncio.run(fetch(url, "SELECT id FROM deliveries"))
         runs = asyncio.run(fetch(url, "SELECT id FROM runs"))
+    # The last serve stops the server it found, although the crashed one never let go of it.
+    assert wait_for(lambda: not embedded_postgres_running(data_dir), seconds=30)
     assert sorted(r["id"] for r in kept) == sorted(acknowledged)
     sent_runs = {
         d.run_id

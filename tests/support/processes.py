@@ -130,3 +130,56 @@ def embedded_url(data_dir: Path) -> str:
 
 def postmaster_pid(data_dir: Path) -> int:
     return int((data_dir / "pgdata" / "postmaster.pid").read_text().splitlines()[0])
+
+
+def postgres_processes(data_dir: Path) -> list[Any]:
+    """The embedded postmaster under ``data_dir`` and its children (psutil processes)."""
+    import psutil
+
+    master = psutil.Process(postmaster_pid(data_dir))
+    return [master, *master.children(recursive=True)]
+
+
+def worker_processes(process: subprocess.Popen[bytes]) -> list[Any]:
+    """uvicorn's worker processes under ``serve`` (multiprocessing children, not its helpers)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(process.pid).children():
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "spawn_main" in cmdline:
+            found.append(child)
+    return found
+
+
+def wait_for(predicate: Any, *, seconds: float, step: float = 0.2) -> bool:
+    """Poll ``predicate`` until it is true or ``seconds`` pass (an OSError counts as false)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if predicate():
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+
+
+def embedded_postgres_running(data_dir: Path) -> list[int]:
+    """Pids of live ``postgres`` processes serving a data directory under ``data_dir``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        try:
+            if proc.info["name"] != "postgres" or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(str(data_dir) in part for part in proc.info["cmdline"] or []):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
