@@ -27,6 +27,7 @@ from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailab
 from receiver.reconciliation import run_reconciler
 from receiver.resources import Resources
 from receiver.responses import error_response
+from receiver.retention import partitions_at_start, run_maintenance
 from receiver.routes import all_operations
 from receiver.settings import Settings
 
@@ -66,6 +67,7 @@ async def _start_background(
     settings: Settings, engine: AsyncEngine, stop: asyncio.Event
 ) -> list[asyncio.Task[None]]:
     """The enrichment worker and the reconciler (when enabled), the alert evaluator and sender."""
+    await partitions_at_start(engine, settings)
     if settings.alert_rules_file is not None:
         for rule in load_rules_file(settings.alert_rules_file):
             await upsert_rule(engine, rule)
@@ -77,6 +79,7 @@ async def _start_background(
         tasks.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
     if settings.reconcile_enabled:
         tasks.append(asyncio.create_task(run_reconciler(settings, engine, stop)))
+    tasks.append(asyncio.create_task(run_maintenance(engine, settings, stop)))
     return tasks
 
 
@@ -92,8 +95,17 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         url = database_url or resolve_database_url(settings)[0]
-        engine = create_engine(url, pool_size=settings.db_pool_size)
-        app.state.resources = Resources(settings=settings, engine=engine)
+        engine = create_engine(
+            url, pool_size=settings.db_pool_size, pgbouncer=settings.db_pgbouncer
+        )
+        reader = None
+        if settings.read_database_url:
+            reader = create_engine(
+                settings.read_database_url,
+                pool_size=settings.db_pool_size,
+                pgbouncer=settings.db_pgbouncer,
+            )
+        app.state.resources = Resources(settings=settings, engine=engine, read_engine=reader)
         stop = asyncio.Event()
         background: list[asyncio.Task[None]] = []
         if run_worker:
@@ -105,6 +117,8 @@ def create_app(
             if background:
                 await asyncio.wait(background, timeout=15)
             await engine.dispose()
+            if reader is not None:
+                await reader.dispose()
 
     operations = all_operations()
     app = Starlette(

@@ -129,6 +129,12 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(run())
 
 
+def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+    from receiver.retention import prune_command
+
+    return prune_command(settings, dry_run=args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runflow-receiver",
@@ -171,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--until", default=None, help="ISO 8601 date or datetime (exclusive)")
     back.add_argument("--page-size", type=int, default=500, choices=range(1, 501), metavar="1..500")
     back.set_defaults(handler=cmd_backfill)
+
+    prune = sub.add_parser("prune", help="drop archive partitions and rows past retention")
+    prune.add_argument("--dry-run", action="store_true", help="print what would go; drop nothing")
+    prune.set_defaults(handler=cmd_prune)
 
     for register in _extra_commands():
         register(sub)

@@ -7,6 +7,7 @@ share. Nothing here runs at import time.
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -121,8 +122,27 @@ def resolve_database_url(settings: Settings) -> tuple[str, bool]:
     return start_embedded(settings.data_dir), True
 
 
-def create_engine(url: str, *, pool_size: int = 10, **kwargs: Any) -> AsyncEngine:
-    """An async engine on asyncpg; the pool is per process."""
+def pgbouncer_connect_args() -> dict[str, Any]:
+    """asyncpg and SQLAlchemy options for PgBouncer in transaction pooling mode.
+
+    Each transaction may run on a different server connection, so nothing may outlive one:
+    asyncpg's statement cache is off (its unnamed statements live only as long as the
+    statement), SQLAlchemy's asyncpg dialect caches none either, and any statement SQLAlchemy
+    does prepare gets a name no other client process can have picked.
+    """
+    return {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4().hex}__",
+    }
+
+
+def create_engine(
+    url: str, *, pool_size: int = 10, pgbouncer: bool = False, **kwargs: Any
+) -> AsyncEngine:
+    """An async engine on asyncpg; the pool is per process. ``pgbouncer``: see above."""
+    if pgbouncer:
+        kwargs["connect_args"] = {**pgbouncer_connect_args(), **kwargs.get("connect_args", {})}
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,

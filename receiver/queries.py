@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.queryparams import FILTER_COLUMNS, RunFilters
+from receiver.retention import retained_since
 
 RUN_COLUMNS = (
     "id, org_id, status, event, target_type, model, model_id, flow_id, comfyui_workflow_id,"
@@ -168,6 +169,12 @@ async def run_deliveries(engine: AsyncEngine, run_id: str) -> list[dict[str, Any
             run_id,
         )
     return [delivery_out(row) for row in rows]
+
+
+async def archive_retained_since(engine: AsyncEngine) -> datetime | None:
+    """Where the archive begins: older deliveries have been pruned (receiver.retention)."""
+    async with driver_connection(engine) as conn:
+        return await retained_since(conn)
 
 
 async def list_deliveries(

@@ -12,10 +12,19 @@ from receiver.settings import Settings
 
 @dataclass
 class Resources:
-    """The settings and the database engine every route works with."""
+    """The settings and the database engines the routes work with.
+
+    ``read_engine`` serves the query and analytics routes: ``RECEIVER_READ_DATABASE_URL`` (a
+    replica, or any read-only connection) when set, else the primary's ``engine``.
+    """
 
     settings: Settings
     engine: AsyncEngine
+    read_engine: AsyncEngine | None = None
+
+    @property
+    def reader(self) -> AsyncEngine:
+        return self.read_engine or self.engine
 
 
 def resources(request: Request) -> Resources:

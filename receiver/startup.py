@@ -60,7 +60,7 @@ def prepare_database(settings: Settings, *, migrate: bool) -> str:
         return url
 
     async def revision() -> str | None:
-        engine = create_engine(url, pool_size=1)
+        engine = create_engine(url, pool_size=1, pgbouncer=settings.db_pgbouncer)
         try:
             return await current_revision(engine)
         finally:
@@ -78,4 +78,8 @@ def prepare_database(settings: Settings, *, migrate: bool) -> str:
 def open_engine(settings: Settings) -> AsyncEngine:
     """An engine on the configured database, whose schema must be at head."""
     url = prepare_database(settings, migrate=False)
-    return create_engine(url, pool_size=max(2, settings.enrichment_concurrency + 1))
+    return create_engine(
+        url,
+        pool_size=max(2, settings.enrichment_concurrency + 1),
+        pgbouncer=settings.db_pgbouncer,
+    )

@@ -20,7 +20,7 @@ _WINDOW = " Window: [created_after, created_before), default the last 24 hours."
 async def failures(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["failure_code", "failure_stage"])
-    return ORJSONResponse(await analytics.failures(resources(request).engine, filters, group_by))
+    return ORJSONResponse(await analytics.failures(resources(request).reader, filters, group_by))
 
 
 async def timeseries(request: Request) -> Response:
@@ -31,20 +31,20 @@ async def timeseries(request: Request) -> Response:
             f"bucket must be one of {', '.join(analytics.BUCKETS)}", [{"param": "bucket"}]
         )
     group_by = parse_group_by(request.query_params, [], most=1)
-    result = await analytics.timeseries(resources(request).engine, filters, bucket, group_by)
+    result = await analytics.timeseries(resources(request).reader, filters, bucket, group_by)
     return ORJSONResponse(result)
 
 
 async def durations(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["model"])
-    return ORJSONResponse(await analytics.durations(resources(request).engine, filters, group_by))
+    return ORJSONResponse(await analytics.durations(resources(request).reader, filters, group_by))
 
 
 async def costs(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["model"])
-    return ORJSONResponse(await analytics.costs(resources(request).engine, filters, group_by))
+    return ORJSONResponse(await analytics.costs(resources(request).reader, filters, group_by))
 
 
 FAILURES = Operation(

@@ -52,7 +52,7 @@ async def list_runs(request: Request) -> Response:
     limit = parse_limit(request.query_params)
     after = decode_cursor(request.query_params, (datetime, str))
     items, last = await queries.list_runs(
-        resources(request).engine,
+        resources(request).reader,
         filters,
         limit=limit,
         after=after,
@@ -63,7 +63,7 @@ async def list_runs(request: Request) -> Response:
 
 async def get_run(request: Request) -> Response:
     run_id = _text_path(request, "run_id")
-    run = await queries.get_run(resources(request).engine, run_id)
+    run = await queries.get_run(resources(request).reader, run_id)
     if run is None:
         raise NotFound(f"no run {run_id!r}")
     return ORJSONResponse(run)
@@ -71,10 +71,16 @@ async def get_run(request: Request) -> Response:
 
 async def run_deliveries(request: Request) -> Response:
     run_id = _text_path(request, "run_id")
-    engine = resources(request).engine
-    if await queries.get_run(engine, run_id) is None:
+    engine = resources(request).reader
+    run = await queries.get_run(engine, run_id)
+    if run is None:
         raise NotFound(f"no run {run_id!r}")
-    return ORJSONResponse({"items": await queries.run_deliveries(engine, run_id)})
+    items = await queries.run_deliveries(engine, run_id)
+    # The archive keeps whole days back to retained_since; a run first heard of before that
+    # has had its older deliveries dropped (its row is whole: pruning never changes a run).
+    since = await queries.archive_retained_since(engine)
+    aged_out = since is not None and run["first_received_at"] < since
+    return ORJSONResponse({"items": items, "aged_out": aged_out, "retained_since": since})
 
 
 async def list_deliveries(request: Request) -> Response:
@@ -92,7 +98,7 @@ async def list_deliveries(request: Request) -> Response:
     limit = parse_limit(request.query_params)
     after = decode_cursor(request.query_params, (datetime, int))
     items, last = await queries.list_deliveries(
-        resources(request).engine,
+        resources(request).reader,
         outcomes=outcomes,
         limit=limit,
         after=after,
@@ -102,7 +108,7 @@ async def list_deliveries(request: Request) -> Response:
 
 async def get_delivery(request: Request) -> Response:
     delivery_id = _id_path(request)
-    found = await queries.get_delivery(resources(request).engine, delivery_id)
+    found = await queries.get_delivery(resources(request).reader, delivery_id)
     if found is None:
         raise NotFound(f"delivery {delivery_id} not found")
     return ORJSONResponse(found)

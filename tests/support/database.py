@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import asyncpg
 
@@ -39,3 +42,18 @@ async def truncate_all(url: str) -> None:
             await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
     finally:
         await conn.close()
+
+
+@contextmanager
+def migrated_database(server_url: str, prefix: str = "rfscratch") -> Iterator[str]:
+    """A database of its own, migrated to head, dropped when the block ends."""
+    from receiver.migrations import upgrade
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin_sql(server_url, f'CREATE DATABASE "{name}"')
+    try:
+        url = with_database(server_url, name)
+        upgrade(url)
+        yield url
+    finally:
+        admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
