@@ -39,7 +39,8 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async(url: str) -> None:
-    engine = create_engine(url, pool_size=1)
+    # Behind PgBouncer (transaction pooling) no statement may be cached on a server connection.
+    engine = create_engine(url, pool_size=1, pgbouncer=load_settings().db_pgbouncer)
     async with engine.connect() as connection:
         await connection.run_sync(_run)
         await connection.commit()

@@ -12,16 +12,15 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.db import create_engine, plain_url
+from receiver.db import create_engine
 from receiver.retention import claim_lease, ensure_partitions
 from receiver.settings import Settings
 from tests.support.apps import running_app
 from tests.support.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery
-from tests.support.database import migrated_database
+from tests.support.database import behind_pgbouncer, connect, migrated_database
 from tests.support.processes import receiver_env, run_cli
 
 TODAY = datetime.now(UTC).date()
@@ -35,9 +34,14 @@ def own_url(server_url: str) -> Iterator[str]:
 
 @pytest.fixture
 async def own_engine(own_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(own_url, pool_size=3)
+    engine = create_engine(own_url, pool_size=3, pgbouncer=behind_pgbouncer())
     yield engine
     await engine.dispose()
+
+
+def _env(url: str, **values: str) -> dict[str, str]:
+    pooled = {"RECEIVER_DB_PGBOUNCER": "true"} if behind_pgbouncer() else {}
+    return receiver_env(RECEIVER_DATABASE_URL=url, **pooled, **values)
 
 
 def _settings(url: str, **extra: Any) -> Settings:
@@ -47,7 +51,7 @@ def _settings(url: str, **extra: Any) -> Settings:
 
 
 async def _sql(url: str, sql: str, *args: Any) -> list[Any]:
-    conn = await asyncpg.connect(plain_url(url))
+    conn = await connect(url)
     try:
         return list(await conn.fetch(sql, *args))
     finally:
@@ -154,7 +158,7 @@ async def test_prune_drops_exactly_the_days_past_retention_and_keeps_every_run(
     expected = {_name(TODAY - timedelta(days=age)) for age in (45, 32, 31)}
     assert expected <= before_parts
 
-    env = receiver_env(RECEIVER_DATABASE_URL=own_url, RECEIVER_RETENTION_DAYS="30")
+    env = _env(own_url, RECEIVER_RETENTION_DAYS="30")
     dry = run_cli("prune", "--dry-run", env=env, cwd=tmp_path)
     assert {line.split()[3] for line in dry.splitlines() if "would drop partition" in line} == (
         expected
@@ -193,7 +197,7 @@ async def test_the_same_bytes_after_the_retention_window_are_stored_again(
     body = b'{"run_id": "run_window", "status": "succeeded", "event": "run.completed"}'
     await _archive_row(own_url, "run_window", _noon(40), body)
     await ensure_partitions(own_engine, _settings(own_url))
-    run_cli("prune", env=receiver_env(RECEIVER_DATABASE_URL=own_url), cwd=tmp_path)
+    run_cli("prune", env=_env(own_url), cwd=tmp_path)
     async with running_app(_settings(own_url), run_worker=False) as (_, client):
         first = await post_delivery(client, body)
         second = await post_delivery(client, body)
@@ -242,7 +246,7 @@ async def test_other_tables_are_swept_by_their_own_windows(
         )
 
     # Runs are kept unless RECEIVER_RUN_RETENTION_DAYS is set.
-    run_cli("prune", env=receiver_env(RECEIVER_DATABASE_URL=own_url), cwd=tmp_path)
+    run_cli("prune", env=_env(own_url), cwd=tmp_path)
     queue = await _sql(own_url, "SELECT run_id FROM enrichment_queue ORDER BY run_id")
     assert [row["run_id"] for row in queue] == ["e_new_done", "e_old_pending"]
     sent = await _sql(own_url, "SELECT url FROM alert_notifications ORDER BY url")
@@ -252,7 +256,7 @@ async def test_other_tables_are_swept_by_their_own_windows(
     runs = await _sql(own_url, "SELECT id FROM runs ORDER BY id")
     assert [row["id"] for row in runs] == ["run_idle", "run_recent"]
 
-    env = receiver_env(RECEIVER_DATABASE_URL=own_url, RECEIVER_RUN_RETENTION_DAYS="365")
+    env = _env(own_url, RECEIVER_RUN_RETENTION_DAYS="365")
     out = run_cli("prune", env=env, cwd=tmp_path)
     assert "deleted 1 runs" in out
     for table in ("runs", "node_runs", "run_logs"):

@@ -15,7 +15,7 @@ from receiver.db import plain_url
 from receiver.settings import Settings
 from tests.support.apps import running_app
 from tests.support.builders import auth, failed_envelope, post_delivery
-from tests.support.database import admin_sql
+from tests.support.database import admin_sql, connect
 
 
 def _as_role(url: str, role: str, password: str) -> str:
@@ -42,7 +42,7 @@ def reader_url(database_url: str) -> Iterator[str]:
 
 
 async def test_the_reader_refuses_writes(reader_url: str, db: AsyncEngine) -> None:
-    conn = await asyncpg.connect(reader_url)
+    conn = await connect(reader_url)
     try:
         with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
             await conn.execute("INSERT INTO runs (id) VALUES ('nope')")
@@ -76,7 +76,7 @@ async def test_query_and_analytics_routes_answer_through_a_read_only_connection(
         ]
         answers = {path: await client.get(path, headers=auth()) for path in paths}
         # The reads went to the reader: its role holds pooled connections now.
-        conn = await asyncpg.connect(plain_url(settings.database_url or ""))
+        conn = await connect(settings.database_url or "")
         try:
             role = urlsplit(reader_url).username
             readers = await conn.fetchval(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from receiver.db import plain_url
+from tests.support.database import connect
 
 # Table -> the column holding the run id. Stated here, not read from the code under test.
 PER_RUN = {
@@ -46,7 +46,7 @@ WHERE c.table_schema = 'public' AND c.column_name = 'run_id' AND NOT t.relispart
 
 
 async def _fetch(url: str, sql: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(plain_url(url))
+    conn = await connect(url)
     try:
         return list(await conn.fetch(sql))
     finally:

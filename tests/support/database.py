@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,24 @@ from contextlib import contextmanager
 import asyncpg
 
 from receiver.db import plain_url
+
+
+def behind_pgbouncer() -> bool:
+    """RECEIVER_DB_PGBOUNCER is on: the test server is a PgBouncer in transaction pooling."""
+    return os.environ.get("RECEIVER_DB_PGBOUNCER", "").lower() in ("1", "true", "yes", "on")
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    """A plain asyncpg connection; without a statement cache behind PgBouncer."""
+    if behind_pgbouncer():
+        return await asyncpg.connect(plain_url(url), statement_cache_size=0)
+    return await asyncpg.connect(plain_url(url))
+
+
+def admin_url(server_url: str) -> str:
+    """Where CREATE/DROP DATABASE go: RECEIVER_TEST_ADMIN_DATABASE_URL when set (the server
+    behind a pooler that refuses them), else the test server itself."""
+    return os.environ.get("RECEIVER_TEST_ADMIN_DATABASE_URL") or server_url
 
 
 def with_database(url: str, name: str) -> str:
@@ -21,7 +40,7 @@ def admin_sql(server_url: str, sql: str) -> None:
     """Run one statement (CREATE/DROP DATABASE) on the server, outside any transaction."""
 
     async def run() -> None:
-        conn = await asyncpg.connect(plain_url(server_url))
+        conn = await connect(admin_url(server_url))
         try:
             await conn.execute(sql)
         finally:
@@ -31,7 +50,7 @@ def admin_sql(server_url: str, sql: str) -> None:
 
 
 async def truncate_all(url: str) -> None:
-    conn = await asyncpg.connect(plain_url(url))
+    conn = await connect(url)
     try:
         tables = await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
