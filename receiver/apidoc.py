@@ -64,6 +64,8 @@ class Operation:
     documented: bool = True
     # Off where senders may add their own query string (the webhook's callback_url).
     strict_query: bool | None = None
+    # Media types of answers that are not JSON models (an HTML page), by status.
+    response_media: dict[int, str] = field(default_factory=dict)
 
     def query_names(self) -> set[str]:
         return {p.name for p in self.params if p.location == "query"}

@@ -28,7 +28,7 @@ from receiver.reconciliation import run_reconciler
 from receiver.resources import Resources
 from receiver.responses import error_response
 from receiver.retention import partitions_at_start, run_maintenance
-from receiver.routes import all_operations
+from receiver.routes import all_operations, static_routes
 from receiver.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def create_app(
 
     operations = all_operations()
     app = Starlette(
-        routes=[operation.route() for operation in operations],
+        routes=[*(operation.route() for operation in operations), *static_routes()],
         lifespan=lifespan,
         exception_handlers={
             ReceiverError: _receiver_error,

@@ -112,7 +112,12 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         try:
             for delivery_id in ids:
                 try:
-                    result = await replay(engine, delivery_id, enrich=settings.enrichment_queueing)
+                    result = await replay(
+                        engine,
+                        delivery_id,
+                        enrich=settings.enrichment_queueing,
+                        allow_unsigned=settings.allow_unsigned,
+                    )
                 except ReceiverError as exc:
                     print(f"delivery {delivery_id}: {exc.code}: {exc.message}")
                     still_rejected += 1

@@ -5,7 +5,9 @@
     ├── Unauthorized            401 unauthorized
     ├── NotFound                404 not_found
     ├── MethodNotAllowed        405 method_not_allowed
+    ├── RequestTimeout          408 request_timeout   (the body did not arrive in time)
     ├── PayloadTooLarge         413 payload_too_large
+    ├── HeadersTooLarge         431 headers_too_large
     ├── UnsupportedMediaType    415 unsupported_media_type
     ├── InvalidJson             400 invalid_json
     ├── InvalidPayload          422 invalid_payload   (the delivery is kept as rejected)
@@ -67,9 +69,19 @@ class MethodNotAllowed(ReceiverError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ReceiverError):
+    status_code = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ReceiverError):
     status_code = 413
     code = "payload_too_large"
+
+
+class HeadersTooLarge(ReceiverError):
+    status_code = 431
+    code = "headers_too_large"
 
 
 class UnsupportedMediaType(ReceiverError):

@@ -53,6 +53,19 @@ DELIVERIES = Counter(
     "Webhook requests by outcome (stored, duplicate, rejected, unavailable, error) and cause",
     ["outcome", "cause"],
 )
+REFUSED = Counter(
+    "runflow_receiver_refused",
+    "Webhook requests refused before anything was stored (invalid_signature,"
+    " payload_too_large, headers_too_large, request_timeout): counted, logged at a bounded"
+    " rate, never kept",
+    ["cause"],
+)
+# Series exist from start-up at zero: a restart with no traffic since is visible as zero, not
+# as an absent series that rate() == 0 alerts never see.
+for _outcome in ("stored", "duplicate"):
+    DELIVERIES.labels(_outcome, "")
+for _cause in ("invalid_signature", "payload_too_large", "headers_too_large", "request_timeout"):
+    REFUSED.labels(_cause)
 INGEST_SECONDS = Histogram(
     "runflow_receiver_ingest_seconds",
     "Time to handle a webhook request, body read to answer",
@@ -63,6 +76,7 @@ RUNS_TERMINAL = Counter(
     "Runs that reached a terminal status (or changed between terminal statuses)",
     ["status"],
 )
+RUNS_TERMINAL.labels("failed")  # so the first failure after a restart counts in increase()
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -6,6 +6,7 @@ import asyncio
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Literal
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -33,9 +34,15 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
+SchemaState = Literal["current", "ahead", "behind"]
+
+
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config("postgresql://unused"))
+
+
 def head_revision() -> str | None:
-    script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
-    return script.get_current_head()
+    return _scripts().get_current_head()
 
 
 def upgrade(database_url: str) -> None:
@@ -60,3 +67,23 @@ async def current_revision(engine: AsyncEngine) -> str | None:
 async def schema_is_current(engine: AsyncEngine) -> bool:
     """True when the database's revision is this code's head revision."""
     return await current_revision(engine) == head_revision()
+
+
+def state_of(revision: str | None) -> SchemaState:
+    """Where a database at ``revision`` stands against this code's head.
+
+    A revision this code's scripts do not know was written by a newer version: during a rollout
+    its migration runs first, and the older pods still serving see the database ahead. A known
+    revision other than head (or none at all) is behind: this code needs a migration first.
+    """
+    scripts = _scripts()
+    if revision == scripts.get_current_head():
+        return "current"
+    if revision is None or revision in {rev.revision for rev in scripts.walk_revisions()}:
+        return "behind"
+    return "ahead"
+
+
+async def schema_state(engine: AsyncEngine) -> SchemaState:
+    """``state_of`` the database behind ``engine``."""
+    return state_of(await current_revision(engine))

@@ -56,6 +56,8 @@ def build_document(operations: list[Operation]) -> dict[str, Any]:
             response: dict[str, Any] = {"description": _DESCRIPTIONS.get(status, str(status))}
             if model is not None:
                 response["content"] = {"application/json": {"schema": ref(model)}}
+            elif status in op.response_media:
+                response["content"] = {op.response_media[status]: {"schema": {"type": "string"}}}
             if status == 503:
                 response["headers"] = {"Retry-After": {"schema": {"type": "integer"}}}
             entry["responses"][str(status)] = response

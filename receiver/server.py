@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from typing import Any
 
 from receiver.errors import ReceiverError
 from receiver.settings import ConfigError, Settings, load_settings
@@ -62,12 +63,54 @@ def serve(
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # h11, not httptools: h11 enforces a limit on the request line plus headers.
+        http="receiver.server:HeaderDeadlineH11Protocol",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
+        limit_concurrency=settings.max_connections,
     )
     return 0
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+def _protocol_class() -> type:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        """uvicorn's h11 protocol with a deadline on headers as well as on idleness.
+
+        uvicorn closes a keep-alive connection that stays silent, but any byte cancels that
+        timer, so a client dripping a header byte a second (or one that connects and never
+        sends) holds the connection forever. Here the same timer starts when the connection
+        opens and after each response, and only a complete request line and headers stop it.
+        """
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+        def data_received(self, data: bytes) -> None:
+            # Unlike the base class, data does not stop the timer: a parsed request does.
+            self.conn.receive_data(data)
+            self.handle_events()
+
+        def timeout_keep_alive_handler(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use so importing this module does not import uvicorn.
+    if name == "HeaderDeadlineH11Protocol":
+        return _protocol_class()
+    raise AttributeError(name)
 
 
 def worker_app() -> object:

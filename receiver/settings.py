@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     allow_unsigned: bool = False
     api_tokens: CommaList = Field(default_factory=list)
     max_body_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
+    # What `serve` lets one connection cost (receiver.server): the request line and headers
+    # together, the time a body may take to arrive, the time a connection may sit idle or
+    # half-way through its headers, and connections per worker (beyond it: 503).
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    keepalive_timeout_seconds: int = Field(default=5, ge=1)
+    max_connections: int = Field(default=1000, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     runflow_api_url: str = "https://api.runflow.io"
@@ -105,7 +112,28 @@ class Settings(BaseSettings):
         """A reconciler runs (in every process that runs background work; one pass at a time)."""
         return bool(self.runflow_api_key) and self.reconcile_interval_seconds > 0
 
-    @field_validator("signing_secrets", "api_tokens", mode="before")
+    @field_validator("signing_secrets", mode="before")
+    @classmethod
+    def _secrets(cls, value: object) -> object:
+        # An empty entry is a typo (a stray comma, a blank value), not "no secret": said so at
+        # start-up rather than silently signing with fewer secrets than the operator meant.
+        if isinstance(value, str):
+            if value == "":
+                return []
+            parts = [part.strip() for part in value.split(",")]
+            if not all(parts):
+                raise ValueError("has an empty secret (a stray comma or a blank value)")
+            return parts
+        return value
+
+    @field_validator("signing_secrets")
+    @classmethod
+    def _no_empty_secret(cls, value: list[str]) -> list[str]:
+        if any(not secret.strip() for secret in value):
+            raise ValueError("has an empty secret (a stray comma or a blank value)")
+        return value
+
+    @field_validator("api_tokens", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_commas(value)

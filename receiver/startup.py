@@ -14,7 +14,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import create_engine, resolve_database_url
-from receiver.migrations import current_revision, head_revision, upgrade
+from receiver.migrations import current_revision, head_revision, state_of, upgrade
 from receiver.settings import ConfigError, Settings
 
 
@@ -67,7 +67,9 @@ def prepare_database(settings: Settings, *, migrate: bool) -> str:
             await engine.dispose()
 
     current, head = asyncio.run(revision()), head_revision()
-    if current != head:
+    # Ahead (a newer version migrated first, mid-rollout) is fine: migrations keep the
+    # previous version working. Behind is not: this code needs its migration.
+    if state_of(current) == "behind":
         raise ConfigError(
             f"database schema is at {current or 'nothing'}, this code needs {head}: "
             "run `runflow-receiver migrate` (or serve --migrate)"
@@ -76,7 +78,7 @@ def prepare_database(settings: Settings, *, migrate: bool) -> str:
 
 
 def open_engine(settings: Settings) -> AsyncEngine:
-    """An engine on the configured database, whose schema must be at head."""
+    """An engine on the configured database, whose schema must be at head (or ahead of it)."""
     url = prepare_database(settings, migrate=False)
     return create_engine(
         url,

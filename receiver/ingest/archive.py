@@ -75,8 +75,25 @@ class ArchiveEntry:
         )
 
 
+# Each kept value is cut to this many characters: a header is evidence, not storage.
+MAX_HEADER_VALUE = 1024
+MAX_REQUEST_ID = 255
+
+
+def clipped(value: str | None, limit: int) -> str | None:
+    """``value`` cut to ``limit`` characters, marked with an ellipsis when it was cut."""
+    if value is None or len(value) <= limit:
+        return value
+    return value[: limit - 1] + "\u2026"
+
+
 def kept_headers(headers: dict[str, str]) -> dict[str, str]:
-    return {name: headers[name] for name in KEPT_HEADERS if name in headers}
+    """The headers the archive keeps, each value at most :data:`MAX_HEADER_VALUE` characters."""
+    return {
+        name: clipped(headers[name], MAX_HEADER_VALUE) or ""
+        for name in KEPT_HEADERS
+        if name in headers
+    }
 
 
 def archive_entry(
@@ -86,9 +103,9 @@ def archive_entry(
         raw.body,
         signature=signature,
         received_at=raw.received_at,
-        request_id=raw.headers.get("runflow-request-id"),
+        request_id=clipped(raw.headers.get("runflow-request-id"), MAX_REQUEST_ID),
         headers=kept_headers(raw.headers),
-        content_type=raw.content_type,
+        content_type=clipped(raw.content_type, MAX_HEADER_VALUE),
     )
     if not keep_body:
         entry.body = None

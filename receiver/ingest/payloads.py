@@ -11,9 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
 from receiver.errors import InvalidPayload
 from receiver.vocabulary import EVENT_STATUS, STATUSES, normalise_status
@@ -33,31 +40,79 @@ def _id_text(value: object) -> object:
     return value
 
 
+# Limits below what PostgreSQL and the encoders can hold, so bad input is a 422, not a 500.
+# Ids and indexed vocabulary fields are bounded in UTF-8 bytes: the widest index (runs'
+# analytics window, id plus seven such fields plus cost) must stay under btree's ~2.7 KB row.
+MAX_ID_BYTES = 255
+MAX_LABEL_BYTES = 255
+MAX_COST_DIGITS = 100
+MAX_COST_EXPONENT = 1000
+INT4_MAX = 2**31 - 1
+
+
 def _decimal_text(value: object) -> object:
     if value is None:
         return None
     if isinstance(value, bool):
         raise ValueError("cost must be a decimal string")
     if isinstance(value, int | float | str):
+        if isinstance(value, str) and len(value) > 4 * MAX_COST_DIGITS:
+            raise ValueError(f"cost must be at most {4 * MAX_COST_DIGITS} characters")
         try:
             number = Decimal(str(value))
         except InvalidOperation:
-            raise ValueError(f"cost {value!r} is not a decimal number") from None
+            raise ValueError(f"cost {str(value)[:40]!r} is not a decimal number") from None
         if not number.is_finite():
             raise ValueError("cost must be finite")
+        if len(number.as_tuple().digits) > MAX_COST_DIGITS:
+            raise ValueError(f"cost must have at most {MAX_COST_DIGITS} significant digits")
+        if number and abs(number.adjusted()) > MAX_COST_EXPONENT:
+            raise ValueError(f"cost must be within 1e-{MAX_COST_EXPONENT}..1e{MAX_COST_EXPONENT}")
         return number
     raise ValueError("cost must be a decimal string")
 
 
+def _utf8_at_most(limit: int) -> AfterValidator:
+    def check(value: str) -> str:
+        if len(value.encode("utf-8", "surrogatepass")) > limit:
+            raise ValueError(f"must be at most {limit} bytes (UTF-8)")
+        return value
+
+    return AfterValidator(check)
+
+
+# Accepted instants, in UTC. Python's datetime ends at years 1 and 9999, and asyncpg writes
+# its extreme values as PostgreSQL's -infinity/infinity: a day of margin keeps both out.
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+def _in_utc(value: datetime) -> datetime:
+    """Aware UTC; naive is taken as UTC. Outside EARLIEST..LATEST once in UTC fails."""
+    try:
+        moment = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        moment = None
+    if moment is None or not EARLIEST <= moment <= LATEST:
+        raise ValueError("datetime is out of range once in UTC (0001-01-02 to 9999-12-30 accepted)")
+    return moment
+
+
 Status = Annotated[Literal[STATUSES], BeforeValidator(_status_word)]  # type: ignore[valid-type]
-Id = Annotated[str, BeforeValidator(_id_text), Field(min_length=1, max_length=255)]
-Text = Annotated[str, BeforeValidator(_id_text)]
+Id = Annotated[str, BeforeValidator(_id_text), Field(min_length=1), _utf8_at_most(MAX_ID_BYTES)]
+# Open vocabularies that are indexed (failure codes, stages, models, sources...).
+Text = Annotated[str, BeforeValidator(_id_text), _utf8_at_most(MAX_LABEL_BYTES)]
 Cost = Annotated[Decimal, BeforeValidator(_decimal_text)]
 Duration = Annotated[int, Field(ge=0, le=10**12)]
+Count = Annotated[int, Field(ge=0, le=INT4_MAX)]
+Timestamp = Annotated[datetime, AfterValidator(_in_utc)]
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+_W = TypeVar("_W", bound=_Wire)
 
 
 class ModelRef(_Wire):
@@ -73,9 +128,9 @@ class NodeRunIn(_Wire):
     status: Status | None = None
     failure_code: Text | None = None
     failure_message: str | None = None
-    created_at: datetime | None = None
-    started_at: datetime | None = None
-    completed_at: datetime | None = None
+    created_at: Timestamp | None = None
+    started_at: Timestamp | None = None
+    completed_at: Timestamp | None = None
     duration_ms: Duration | None = None
 
 
@@ -84,11 +139,14 @@ class LogIn(_Wire):
     level: Text | None = None
     message: str | None = None
     node_run_id: Id | None = None
-    created_at: datetime | None = None
-    timestamp: datetime | None = None
+    created_at: Timestamp | None = None
+    timestamp: Timestamp | None = None
 
 
 class RunObject(_Wire):
+    """The seed's Run object and the official JS SDK's (``model`` "owner/slug", ``finished_at``,
+    top-level ``error: {code, message}``), both."""
+
     id: Id | None = None
     event: Text | None = None
     status_code: Status | None = None
@@ -101,7 +159,7 @@ class RunObject(_Wire):
     cost_breakdown: Any = None
     node_runs: list[NodeRunIn] | None = None
     logs: list[LogIn] | None = None
-    model: ModelRef | None = None
+    model: ModelRef | Text | None = None
     model_id: Id | None = None
     flow_id: Id | None = None
     comfyui_workflow_id: Id | None = None
@@ -109,10 +167,12 @@ class RunObject(_Wire):
     org_id: Id | None = None
     target_type: Text | None = None
     source_code: Text | None = None
-    created_at: datetime | None = None
-    started_at: datetime | None = None
-    completed_at: datetime | None = None
+    created_at: Timestamp | None = None
+    started_at: Timestamp | None = None
+    completed_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
     duration_ms: Duration | None = None
+    error: Any = None
     input: Any = None
     output: Any = None
     metadata: Any = None
@@ -124,8 +184,8 @@ class RunEnvelope(_Wire):
     status: Status | None = None
     output: Any = None
     duration_ms: Duration | None = None
-    created_at: datetime | None = None
-    completed_at: datetime | None = None
+    created_at: Timestamp | None = None
+    completed_at: Timestamp | None = None
     metadata: Any = None
 
 
@@ -138,10 +198,10 @@ class BatchItem(_Wire):
 
 class BatchOutput(_Wire):
     items: list[BatchItem] = Field(default_factory=list)
-    succeeded: int | None = None
-    failed: int | None = None
-    cancelled: int | None = None
-    total: int | None = None
+    succeeded: Count | None = None
+    failed: Count | None = None
+    cancelled: Count | None = None
+    total: Count | None = None
 
 
 class BatchEnvelope(_Wire):
@@ -150,8 +210,8 @@ class BatchEnvelope(_Wire):
     status: Status | None = None
     output: BatchOutput | None = None
     duration_ms: Duration | None = None
-    created_at: datetime | None = None
-    completed_at: datetime | None = None
+    created_at: Timestamp | None = None
+    completed_at: Timestamp | None = None
     metadata: Any = None
 
 
@@ -200,6 +260,8 @@ class ParsedPayload:
     batch: dict[str, Any] | None = None
     node_runs: list[dict[str, Any]] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
+    # Wrong-typed descriptive values left out of the run ({"loc", "msg"}); kept in the archive.
+    set_aside: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def run_id(self) -> str | None:
@@ -208,15 +270,6 @@ class ParsedPayload:
     @property
     def batch_id(self) -> str | None:
         return self.batch["id"] if self.batch else None
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """Aware UTC datetimes; a naive one is taken to be UTC already."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
 
 
 def _present(values: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +294,18 @@ def failure_from_output(output: Any) -> dict[str, Any]:
     return {key: str(value) for key, value in found.items() if value is not None}
 
 
+def _bounded_failure(found: dict[str, Any], where: str) -> dict[str, Any]:
+    """Failure fields read from an error object, held to the indexed fields' limits."""
+    for key in ("failure_code", "failure_stage"):
+        value = found.get(key)
+        if value is not None and len(value.encode("utf-8", "surrogatepass")) > MAX_LABEL_BYTES:
+            raise InvalidPayload(
+                "payload does not match its schema",
+                [{"loc": f"{where}.{key}", "msg": f"must be at most {MAX_LABEL_BYTES} bytes"}],
+            )
+    return found
+
+
 def _status(status: str | None, event: str | None) -> str | None:
     if status is not None:
         return status
@@ -253,7 +318,7 @@ def _from_envelope(env: RunEnvelope) -> ParsedPayload:
     status = _status(env.status, env.event)
     failure: dict[str, Any] = {}
     if status == "failed" or (status is None and env.event is None):
-        failure = failure_from_output(env.output)
+        failure = _bounded_failure(failure_from_output(env.output), "output")
         if status is None and failure:
             # Old deliveries have no event or status; an error-shaped output means failed.
             status = "failed"
@@ -263,8 +328,8 @@ def _from_envelope(env: RunEnvelope) -> ParsedPayload:
             "event": env.event,
             "output": env.output,
             "duration_ms": env.duration_ms,
-            "created_at": as_utc(env.created_at),
-            "completed_at": as_utc(env.completed_at),
+            "created_at": env.created_at,
+            "completed_at": env.completed_at,
             "metadata": env.metadata,
             **failure,
         }
@@ -273,8 +338,15 @@ def _from_envelope(env: RunEnvelope) -> ParsedPayload:
 
 
 def _from_run_object(run: RunObject) -> ParsedPayload:
-    model_id = run.model_id or (run.model.id if run.model else None)
-    slug = run.model.slug if run.model else None
+    model_id: str | None
+    slug: str | None
+    if isinstance(run.model, str):
+        # The SDK's "owner/slug": that is the model's name as Runflow shows it.
+        model_id, slug = run.model_id, run.model
+    else:
+        model_id = run.model_id or (run.model.id if run.model else None)
+        slug = run.model.slug if run.model else None
+    completed_at = run.completed_at or run.finished_at
     status = _status(run.status_code or run.status, run.event)
     fields = _present(
         {
@@ -295,19 +367,24 @@ def _from_run_object(run: RunObject) -> ParsedPayload:
             "duration_ms": run.duration_ms,
             "cost": run.cost,
             "cost_breakdown": run.cost_breakdown,
-            "created_at": as_utc(run.created_at),
-            "started_at": as_utc(run.started_at),
-            "completed_at": as_utc(run.completed_at),
+            "created_at": run.created_at,
+            "started_at": run.started_at,
+            "completed_at": completed_at,
             "input": run.input,
             "output": run.output,
             "metadata": run.metadata,
         }
     )
-    if "duration_ms" not in fields and run.started_at and run.completed_at:
-        delta = as_utc(run.completed_at) - as_utc(run.started_at)  # type: ignore[operator]
-        fields["duration_ms"] = max(0, int(delta.total_seconds() * 1000))
+    if "duration_ms" not in fields and run.started_at and completed_at:
+        delta = completed_at - run.started_at
+        fields["duration_ms"] = min(10**12, max(0, int(delta.total_seconds() * 1000)))
+    if run.error is not None:
+        # The SDK's top-level error: {code, message}.
+        found = failure_from_output({"error": run.error})
+        for key, value in _bounded_failure(found, "error").items():
+            fields.setdefault(key, value)
     if status == "failed":
-        for key, value in failure_from_output(run.output).items():
+        for key, value in _bounded_failure(failure_from_output(run.output), "output").items():
             fields.setdefault(key, value)
     node_runs = [
         {
@@ -317,9 +394,9 @@ def _from_run_object(run: RunObject) -> ParsedPayload:
             "status": node.status_code or node.status,
             "failure_code": node.failure_code,
             "failure_message": node.failure_message,
-            "created_at": as_utc(node.created_at),
-            "started_at": as_utc(node.started_at),
-            "completed_at": as_utc(node.completed_at),
+            "created_at": node.created_at,
+            "started_at": node.started_at,
+            "completed_at": node.completed_at,
             "duration_ms": node.duration_ms,
             "data": node.model_dump(mode="json", exclude_none=True),
         }
@@ -331,7 +408,7 @@ def _from_run_object(run: RunObject) -> ParsedPayload:
             "node_run_id": log.node_run_id,
             "level": log.level,
             "message": log.message,
-            "logged_at": as_utc(log.created_at or log.timestamp),
+            "logged_at": log.created_at or log.timestamp,
             "data": log.model_dump(mode="json", exclude_none=True),
         }
         for log in run.logs or []
@@ -365,8 +442,8 @@ def _from_batch(env: BatchEnvelope) -> ParsedPayload:
         "cancelled": output.cancelled,
         "total": output.total,
         "duration_ms": env.duration_ms,
-        "created_at": as_utc(env.created_at),
-        "completed_at": as_utc(env.completed_at),
+        "created_at": env.created_at,
+        "completed_at": env.completed_at,
         "metadata": env.metadata,
     }
     return ParsedPayload(kind="batch_envelope", runs=runs, batch=batch)
@@ -379,19 +456,108 @@ def _details(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
-def parse_payload(document: dict[str, Any]) -> ParsedPayload:
-    """Recognise and validate one JSON object; raises :class:`InvalidPayload` with details."""
+# Descriptive fields: a wrong-typed value is set aside (kept in the archive, named on the
+# delivery) instead of rejecting the run. Identity, status, timestamps and the bounds above
+# always validate strictly.
+_DESCRIPTIVE = frozenset({"model", "metadata", "cost_breakdown", "failure_message"})
+_CHILD_DESCRIPTIVE = {
+    "node_runs": frozenset({"node_id", "node_type", "failure_message", "preview"}),
+    "logs": frozenset({"level", "message"}),
+}
+# Errors that mean "too big for the database", never set aside.
+_BOUND_ERRORS = frozenset(
+    {
+        "string_too_long",
+        "string_too_short",
+        "too_long",
+        "too_short",
+        "greater_than",
+        "greater_than_equal",
+        "less_than",
+        "less_than_equal",
+        "value_error",
+    }
+)
+
+
+def _descriptive_path(loc: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
+    if loc and loc[0] in _DESCRIPTIVE:
+        return loc[:1]
+    if (
+        len(loc) >= 3
+        and loc[0] in _CHILD_DESCRIPTIVE
+        and isinstance(loc[1], int)
+        and loc[2] in _CHILD_DESCRIPTIVE[str(loc[0])]
+    ):
+        return loc[:3]
+    return None
+
+
+def _without(document: dict[str, Any], path: tuple[int | str, ...]) -> dict[str, Any]:
+    """A copy of ``document`` without the value at ``path`` (the original is untouched)."""
+    out = dict(document)
+    if len(path) == 1:
+        out.pop(str(path[0]), None)
+        return out
+    children = list(out[str(path[0])])
+    index = int(path[1])
+    children[index] = {k: v for k, v in children[index].items() if k != path[2]}
+    out[str(path[0])] = children
+    return out
+
+
+def _validate(model: type[_W], document: dict[str, Any]) -> tuple[_W, list[dict[str, Any]]]:
+    """The validated model and what was set aside to get it; InvalidPayload otherwise."""
     try:
-        if "run_id" in document:
-            return _from_envelope(RunEnvelope.model_validate(document))
-        if "id" in document:
-            return _from_run_object(RunObject.model_validate(document))
-        if "batch_id" in document:
-            return _from_batch(BatchEnvelope.model_validate(document))
-        if document.get("client_ref") is not None:
-            return _from_run_object(RunObject.model_validate(document))
+        return model.model_validate(document), []
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        aside: dict[tuple[int | str, ...], str] = {}
+        for error in errors:
+            path = _descriptive_path(error["loc"])
+            if model is not RunObject or path is None or error["type"] in _BOUND_ERRORS:
+                raise InvalidPayload("payload does not match its schema", _details(exc)) from None
+            aside.setdefault(path, error["msg"])
+    pruned = document
+    for path in aside:
+        pruned = _without(pruned, path)
+    try:
+        validated = model.model_validate(pruned)
     except ValidationError as exc:
         raise InvalidPayload("payload does not match its schema", _details(exc)) from None
+    set_aside = [{"loc": ".".join(str(p) for p in path), "msg": msg} for path, msg in aside.items()]
+    return validated, set_aside
+
+
+def _null_identity(name: str) -> InvalidPayload:
+    return InvalidPayload(
+        "payload does not match its schema", [{"loc": name, "msg": f"{name} must not be null"}]
+    )
+
+
+def _run_object(document: dict[str, Any]) -> ParsedPayload:
+    run, set_aside = _validate(RunObject, document)
+    parsed = _from_run_object(run)
+    parsed.set_aside = set_aside
+    return parsed
+
+
+def parse_payload(document: dict[str, Any]) -> ParsedPayload:
+    """Recognise and validate one JSON object; raises :class:`InvalidPayload` with details."""
+    if "run_id" in document:
+        if document["run_id"] is None:
+            raise _null_identity("run_id")
+        return _from_envelope(_validate(RunEnvelope, document)[0])
+    if "id" in document:
+        if document["id"] is None and document.get("client_ref") is None:
+            raise _null_identity("id")
+        return _run_object(document)
+    if "batch_id" in document:
+        if document["batch_id"] is None:
+            raise _null_identity("batch_id")
+        return _from_batch(_validate(BatchEnvelope, document)[0])
+    if document.get("client_ref") is not None:
+        return _run_object(document)
     raise InvalidPayload(
         "unknown payload shape: expected run_id (callback), batch_id (batch callback), "
         "or id / client_ref (Run object)"

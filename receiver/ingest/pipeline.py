@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.db import CONNECTION_LOST, driver_connection
+from receiver.db import CONNECTION_LOST, DATABASE_DOWN, driver_connection
 from receiver.errors import (
     InvalidJson,
     InvalidPayload,
@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 def signature_status(
     settings: Settings, body: bytes, header: str | None
 ) -> SignatureVerdict | None:
-    """``valid`` or ``unsigned`` when the request may proceed, None when it must be refused."""
-    if header and settings.signing_secrets:
+    """``valid`` or ``unsigned`` when the request may proceed, None when it must be refused.
+
+    A presented signature must verify: allowing unsigned deliveries never lets a wrong or
+    unverifiable one through (with or without a secret configured).
+    """
+    if header is not None and header.strip():
         valid = verify_signature(body, header, settings.signing_secrets)
         return SignatureVerdict.VALID if valid else None
     if settings.allow_unsigned:
@@ -66,24 +70,51 @@ def decode_json(body: bytes) -> dict[str, Any]:
     return document
 
 
-def without_nul(value: Any) -> Any:
-    """The value with every NUL character replaced by U+FFFD (PostgreSQL text cannot hold NUL)."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {without_nul(k): without_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [without_nul(v) for v in value]
-    return value
+# Deeper than any real Run object, far below orjson's encoder limit (255) and Python's stack.
+MAX_DEPTH = 64
+
+
+def bounded_document(document: dict[str, Any], *, scrub_nul: bool = True) -> dict[str, Any]:
+    """The document with NUL replaced by U+FFFD (PostgreSQL text cannot hold NUL), checked to
+    nest at most :data:`MAX_DEPTH` levels. Iterative: no input can exhaust the stack."""
+    stack: list[tuple[Any, int, str | None]] = [(document, 1, None)]
+    for _ in range(10_000_000):  # bound: far more nodes than a capped body can hold
+        if not stack:
+            return document
+        value, depth, top = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidPayload(
+                f"payload nests deeper than {MAX_DEPTH} levels",
+                [{"loc": top or "(body)", "msg": f"nests deeper than {MAX_DEPTH} levels"}],
+            )
+        if isinstance(value, dict):
+            for key in list(value):
+                item = value[key]
+                if scrub_nul and "\x00" in key:
+                    del value[key]
+                    key = key.replace("\x00", "\ufffd")
+                    value[key] = item
+                if isinstance(item, str):
+                    if scrub_nul and "\x00" in item:
+                        value[key] = item.replace("\x00", "\ufffd")
+                elif isinstance(item, dict | list):
+                    stack.append((item, depth + 1, top or key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, str):
+                    if scrub_nul and "\x00" in item:
+                        value[index] = item.replace("\x00", "\ufffd")
+                elif isinstance(item, dict | list):
+                    stack.append((item, depth + 1, top))
+    raise InvalidPayload("payload has too many values")
 
 
 def parse_body(content_type: str | None, body: bytes) -> ParsedPayload:
     """The pure part of the pipeline after the signature: raises a ReceiverError to reject."""
     check_content_type(content_type)
     document = decode_json(body)
-    if b"\\u0000" in body:
-        # JSON can only carry NUL escaped; the archive keeps the exact bytes regardless.
-        document = without_nul(document)
+    # JSON can only carry NUL escaped; the archive keeps the exact bytes regardless.
+    document = bounded_document(document, scrub_nul=b"\\u0000" in body)
     return parse_payload(document)
 
 
@@ -103,41 +134,49 @@ async def archive_rejection(
     return error
 
 
+# Errors that already say what happened (a rejection, the database being away): not bugs.
+_PASSED_ON: tuple[type[BaseException], ...] = (ReceiverError, *DATABASE_DOWN, *CONNECTION_LOST)
+
+
+def refusal(settings: Settings) -> InvalidSignature:
+    return InvalidSignature(
+        "missing or invalid Runflow-Signature"
+        if settings.signing_secrets or settings.allow_unsigned
+        else "no signing secret is configured and unsigned deliveries are not allowed"
+    )
+
+
 async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> StoreResult:
-    """Handle one webhook request end to end. Raises ReceiverError (already archived)."""
+    """Handle one webhook request end to end. Raises ReceiverError.
+
+    A request that fails the signature leaves nothing behind (anyone can send those; the
+    route counts and logs them). Every signed one is archived whatever happens next: a
+    rejection with its cause, and even an unexpected error (``internal_error``, replayable).
+    """
     signature = signature_status(settings, raw.body, raw.headers.get("runflow-signature"))
     if signature is None:
-        refusal = InvalidSignature(
-            "missing or invalid Runflow-Signature"
-            if settings.signing_secrets
-            else "no signing secret is configured and unsigned deliveries are not allowed"
-        )
-        log.warning(
-            "signature rejected request_id=%s bytes=%d",
-            raw.headers.get("runflow-request-id"),
-            len(raw.body),
-        )
-        # Anyone can send these: count them, never keep their bodies.
-        raise await archive_rejection(
-            engine,
-            archive_entry(raw, SignatureVerdict.INVALID, keep_body=False),
-            refusal,
-            keep_body=False,
-        )
+        raise refusal(settings)
     entry = archive_entry(raw, signature, keep_body=True)
     try:
         parsed = parse_body(raw.content_type, raw.body)
     except ReceiverError as error:
         raise await archive_rejection(engine, entry, error) from None
+    except Exception as exc:
+        raise await _archive_internal_error(engine, entry, exc) from exc
     enrich = settings.enrichment_queueing
     try:
-        result = await store_parsed(engine, entry, parsed, enrich=enrich)
-    except CONNECTION_LOST as exc:
-        # A pooled connection died (database restart, failover). Trying once more on a fresh
-        # one is safe even if the first commit went through: the fingerprint makes the second
-        # attempt a duplicate, and the delivery is durable either way.
-        log.warning("connection lost while storing (%s); retrying once", type(exc).__name__)
-        result = await store_parsed(engine, entry, parsed, enrich=enrich)
+        try:
+            result = await store_parsed(engine, entry, parsed, enrich=enrich)
+        except CONNECTION_LOST as exc:
+            # A pooled connection died (database restart, failover). Trying once more on a
+            # fresh one is safe even if the first commit went through: the fingerprint makes
+            # the second attempt a duplicate, and the delivery is durable either way.
+            log.warning("connection lost while storing (%s); retrying once", type(exc).__name__)
+            result = await store_parsed(engine, entry, parsed, enrich=enrich)
+    except _PASSED_ON:
+        raise
+    except Exception as exc:
+        raise await _archive_internal_error(engine, entry, exc) from exc
     if result.outcome == DeliveryOutcome.REJECTED:
         rejection = InvalidPayload(
             (result.cause_detail or {}).get("message", "payload rejected"),
@@ -146,6 +185,22 @@ async def receive(engine: AsyncEngine, settings: Settings, raw: RawDelivery) -> 
         rejection.delivery_id = result.delivery_id
         raise rejection
     return result
+
+
+async def _archive_internal_error(
+    engine: AsyncEngine, entry: ArchiveEntry, exc: BaseException
+) -> ReceiverError:
+    """The last line of defence: a bug never loses a signed delivery.
+
+    The failed transaction rolled back, so the delivery is kept in a transaction of its own,
+    rejected with cause ``internal_error`` and its body, ready for a replay after the fix.
+    """
+    log.error("internal error while ingesting: %s: %s", type(exc).__name__, str(exc)[:500])
+    error = ReceiverError(
+        "internal error; the delivery is archived and can be replayed",
+        [{"loc": "(server)", "msg": type(exc).__name__}],
+    )
+    return await archive_rejection(engine, entry, error)
 
 
 async def store_parsed(
@@ -228,7 +283,14 @@ async def _store(
         return await record(result, keep_body=False)
 
     result = await record(
-        StoreResult(DeliveryOutcome.STORED, owner, run_id=run_id, batch_id=parsed.batch_id),
+        StoreResult(
+            DeliveryOutcome.STORED,
+            owner,
+            run_id=run_id,
+            batch_id=parsed.batch_id,
+            # What the run left out (wrong-typed descriptive values); the archive has them.
+            cause_detail={"set_aside": parsed.set_aside} if parsed.set_aside else None,
+        ),
         keep_body=True,
     )
     patches = [(patch.run_id, patch.fields) for patch in parsed.runs if patch.run_id]
@@ -246,10 +308,14 @@ async def _store(
     return result
 
 
-async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False) -> StoreResult:
+async def replay(
+    engine: AsyncEngine, delivery_id: int, *, enrich: bool = False, allow_unsigned: bool = False
+) -> StoreResult:
     """Run a kept delivery through parsing and merging again; returns the new outcome.
 
-    ``enrich`` queues envelope-only runs for enrichment, as ``receive`` does.
+    ``enrich`` queues envelope-only runs for enrichment, as ``receive`` does. A delivery kept
+    as ``unsigned`` is replayed only while unsigned deliveries are allowed (``allow_unsigned``,
+    the current setting), so turning that off also closes the door on what it let in.
     """
     async with driver_connection(engine) as conn:
         row = await conn.fetchrow(
@@ -267,6 +333,11 @@ async def replay(engine: AsyncEngine, delivery_id: int, *, enrich: bool = False)
             run_id=row["run_id"],
             batch_id=row["batch_id"],
             duplicate_of=row["duplicate_of"],
+        )
+    if row["signature"] == SignatureVerdict.UNSIGNED and not allow_unsigned:
+        raise NotReplayable(
+            f"delivery {delivery_id} was accepted unsigned and unsigned deliveries are not"
+            " allowed now (RECEIVER_ALLOW_UNSIGNED)"
         )
     if row["body"] is None:
         raise NotReplayable(f"delivery {delivery_id} kept no body (it failed the signature check)")

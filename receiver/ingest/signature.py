@@ -4,16 +4,19 @@ Both are lowercase hex HMAC-SHA256 of the raw body, keyed by the secret.
 
 The secret is used as its UTF-8 bytes (``whsec_...`` is not decoded). During rotation several
 secrets are valid, so every configured one is tried. Comparison is constant time; anything
-malformed fails closed.
+that is not 64 hex digits (after an optional ``sha256=`` prefix) fails closed before any
+comparison, so no header value can make the check raise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Sequence
 
 SIGNATURE_HEADER = "Runflow-Signature"
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -21,18 +24,27 @@ def sign(body: bytes, secret: str) -> str:
     return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
 
 
+def signature_digest(header: str | None) -> bytes | None:
+    """The 32 bytes a well-formed header names, or None for anything else."""
+    if header is None:
+        return None
+    candidate = header.strip()
+    # Some relays prefix the algorithm; accept "sha256=<hex>" as the same value.
+    if candidate[:7].lower() == "sha256=":
+        candidate = candidate[7:]
+    if not _HEX_DIGEST.fullmatch(candidate):
+        return None
+    return bytes.fromhex(candidate)
+
+
 def verify_signature(body: bytes, header: str | None, secrets: Sequence[str]) -> bool:
     """True when ``header`` is the signature of ``body`` under any of ``secrets``."""
-    if not header or not secrets:
-        return False
-    candidate = header.strip().lower()
-    # Some relays prefix the algorithm; accept "sha256=<hex>" as the same value.
-    if candidate.startswith("sha256="):
-        candidate = candidate[len("sha256=") :]
-    if len(candidate) != 64:
+    digest = signature_digest(header)
+    if digest is None or not secrets:
         return False
     matched = False
     for secret in secrets:
         # No early exit: every secret costs the same, whichever one matches.
-        matched |= hmac.compare_digest(sign(body, secret), candidate)
+        expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).digest()
+        matched |= hmac.compare_digest(expected, digest)
     return matched

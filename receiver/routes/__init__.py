@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from starlette.routing import BaseRoute
+
 from receiver.apidoc import Operation
 from receiver.routes import (
     alerts,
@@ -9,14 +11,20 @@ from receiver.routes import (
     docs,
     enrichment,
     health,
+    pages,
     reconciliation,
     runs,
     webhooks,
 )
 
-MODULES = (alerts, webhooks, health, runs, analytics, enrichment, reconciliation, docs)
+MODULES = (pages, alerts, webhooks, health, runs, analytics, enrichment, reconciliation, docs)
 
 
 def all_operations() -> list[Operation]:
     """Every endpoint the app serves, in the order routes are matched."""
     return [operation for module in MODULES for operation in module.operations]
+
+
+def static_routes() -> list[BaseRoute]:
+    """Routes outside the API document (the pages' static assets)."""
+    return [route for module in MODULES for route in getattr(module, "mounts", [])]

@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from receiver import metrics
 from receiver.apidoc import Operation
-from receiver.migrations import current_revision, head_revision
+from receiver.migrations import current_revision, head_revision, state_of
 from receiver.resources import resources
 from receiver.responses import ORJSONResponse
 from receiver.schemas import ErrorBody, Health
@@ -20,7 +20,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when the database answers and its schema is at this code's head revision."""
+    """Ready when the database answers and its schema is at this code's head or ahead of it."""
     engine = resources(request).engine
     head = head_revision()
     try:
@@ -32,12 +32,17 @@ async def readyz(request: Request) -> Response:
             {"status": "unavailable", "database": "unreachable", "detail": str(exc)[:200]},
             status_code=503,
         )
-    if current != head:
+    state = state_of(current)
+    if state == "behind":
         return ORJSONResponse(
             {"status": "unavailable", "database": "ok", "schema": current, "head": head},
             status_code=503,
         )
-    return ORJSONResponse({"status": "ok", "database": "ok", "schema": current})
+    # Ahead: a newer version's migration ran first in a rollout; this code keeps serving.
+    body = {"status": "ok", "database": "ok", "schema": current}
+    if state == "ahead":
+        body.update(schema_state=state, head=head)
+    return ORJSONResponse(body)
 
 
 async def metrics_text(request: Request) -> Response:
@@ -66,7 +71,7 @@ operations = [
     Operation(
         "/readyz",
         "get",
-        "The database answers and its schema is at head",
+        "The database answers and its schema is at head (or ahead: a newer version migrated)",
         {200: Health, 503: Health},
         endpoint=readyz,
         authenticated=False,

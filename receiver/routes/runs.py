@@ -117,7 +117,10 @@ async def get_delivery(request: Request) -> Response:
 async def replay(request: Request) -> Response:
     res = resources(request)
     result = await ingest.replay(
-        res.engine, _id_path(request), enrich=res.settings.enrichment_queueing
+        res.engine,
+        _id_path(request),
+        enrich=res.settings.enrichment_queueing,
+        allow_unsigned=res.settings.allow_unsigned,
     )
     content: dict[str, object] = {"status": result.outcome, "delivery_id": result.delivery_id}
     for name in ("run_id", "batch_id", "duplicate_of", "cause", "cause_detail"):

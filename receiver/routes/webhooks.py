@@ -1,40 +1,101 @@
-"""``POST /webhooks/runflow``: read the body under the cap, hand it to ``receiver.ingest``."""
+"""``POST /webhooks/runflow``: read the body under the cap and a deadline, hand it to ingest.
+
+Requests refused before the signature is known good (too large, too slow, badly signed) are
+anyone's to send: they are counted in ``/metrics`` and logged at a bounded rate with clipped
+values, and leave no row anywhere.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from receiver import ingest, metrics
 from receiver.apidoc import Operation, Param
 from receiver.db import DATABASE_DOWN
-from receiver.errors import PayloadTooLarge, ReceiverError, Unavailable
-from receiver.ingest import ArchiveEntry, RawDelivery
+from receiver.errors import (
+    HeadersTooLarge,
+    InvalidSignature,
+    PayloadTooLarge,
+    ReceiverError,
+    RequestTimeout,
+    Unavailable,
+)
+from receiver.ingest import RawDelivery
+from receiver.ingest.archive import clipped
 from receiver.resources import resources
-from receiver.responses import ORJSONResponse
+from receiver.responses import ORJSONResponse, error_response
 from receiver.schemas import ErrorBody, IngestAnswer
-from receiver.vocabulary import SignatureVerdict
 
 log = logging.getLogger(__name__)
 
+# An oversize body is read and thrown away up to this many times the limit, so a sender that
+# writes its whole body before reading sees the 413 instead of a reset connection.
+DRAIN_FACTOR = 4
+REFUSED_CAUSES = frozenset({InvalidSignature.code, PayloadTooLarge.code, RequestTimeout.code})
 
-async def read_capped(request: Request, limit: int) -> bytes | None:
-    """The body, or None as soon as it is known to exceed ``limit`` bytes."""
+
+class RateLimitedLog:
+    """At most one line per cause per ``interval`` seconds, saying how many were suppressed."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, cause: str, message: str, *args: object) -> bool:
+        now = time.monotonic()
+        last = self._last.get(cause)
+        if last is not None and now - last < self.interval:
+            self._suppressed[cause] = self._suppressed.get(cause, 0) + 1
+            return False
+        suppressed = self._suppressed.pop(cause, 0)
+        self._last[cause] = now
+        log.warning(message + " (%d more like it suppressed)", *args, suppressed)
+        return True
+
+
+REFUSAL_LOG = RateLimitedLog()
+
+
+class _TooLarge(Exception):
+    def __init__(self, drained: bool) -> None:
+        self.drained = drained
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The body; raises ``_TooLarge`` once it is known to exceed ``limit`` bytes, after
+    draining what is left up to ``DRAIN_FACTOR`` times the limit (``drained`` says whether
+    the connection is clean enough to answer on)."""
+    bound = DRAIN_FACTOR * limit
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
+        if int(declared) > bound:
+            raise _TooLarge(drained=False)
+        await _drain(request, 0, bound)
+        raise _TooLarge(drained=True)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            return None
+            raise _TooLarge(drained=await _drain(request, size, bound))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _drain(request: Request, size: int, bound: int) -> bool:
+    """Read and discard the rest of the body; False when it goes past ``bound``."""
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > bound:
+            return False
+    return True
 
 
 async def receive_runflow(request: Request) -> Response:
@@ -42,9 +103,21 @@ async def receive_runflow(request: Request) -> Response:
     try:
         response = await _receive(request)
     except ReceiverError as error:
-        outcome = "unavailable" if isinstance(error, Unavailable) else "rejected"
+        if isinstance(error, Unavailable):
+            outcome = "unavailable"
+        elif error.status_code >= 500:
+            outcome = "error"
+        else:
+            outcome = "rejected"
         metrics.DELIVERIES.labels(outcome, error.code).inc()
-        raise
+        if error.code not in REFUSED_CAUSES:
+            raise
+        _refused(request, error)
+        if isinstance(error, InvalidSignature):
+            raise
+        # The body was not (all) read: answer, then close rather than parse what follows.
+        response = error_response(error)
+        response.headers["connection"] = "close"
     except DATABASE_DOWN:
         metrics.DELIVERIES.labels("unavailable", Unavailable.code).inc()
         raise
@@ -56,24 +129,41 @@ async def receive_runflow(request: Request) -> Response:
     return response
 
 
+def _refused(request: Request, error: ReceiverError) -> None:
+    metrics.REFUSED.labels(error.code).inc()
+    REFUSAL_LOG.warning(
+        error.code,
+        "refused webhook request: %s request_id=%s",
+        error.code,
+        clipped(request.headers.get("runflow-request-id"), 128),
+    )
+
+
 async def _receive(request: Request) -> Response:
     res = resources(request)
+    settings = res.settings
     received_at = datetime.now(UTC)
+    # h11 refuses oversize headers that arrive in pieces; ones that arrive in one read are
+    # complete before it looks, so they are measured here.
+    head = sum(len(name) + len(value) + 4 for name, value in request.scope["headers"])
+    if head > settings.max_header_bytes:
+        raise HeadersTooLarge(f"request headers exceed {settings.max_header_bytes} bytes")
     headers = {name.lower(): value for name, value in request.headers.items()}
-    body = await read_capped(request, res.settings.max_body_bytes)
-    if body is None:
-        error = PayloadTooLarge(f"body exceeds {res.settings.max_body_bytes} bytes")
-        entry = ArchiveEntry.of(
-            None,
-            signature=SignatureVerdict.UNCHECKED,
-            received_at=received_at,
-            request_id=headers.get("runflow-request-id"),
-            headers=ingest.kept_headers(headers),
-            content_type=headers.get("content-type"),
-        )
-        raise await ingest.archive_rejection(res.engine, entry, error, keep_body=False)
+    try:
+        async with asyncio.timeout(settings.body_read_timeout_seconds):
+            body = await read_capped(request, settings.max_body_bytes)
+    except _TooLarge:
+        # Past the drain bound the close below cuts the connection with the body unread.
+        raise PayloadTooLarge(f"body exceeds {settings.max_body_bytes} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"the body did not arrive within {settings.body_read_timeout_seconds:g} s"
+        ) from None
+    except ClientDisconnect:
+        # Nobody is left to answer; nothing was kept.
+        return Response(status_code=400)
     result = await ingest.receive(
-        res.engine, res.settings, RawDelivery(body=body, headers=headers, received_at=received_at)
+        res.engine, settings, RawDelivery(body=body, headers=headers, received_at=received_at)
     )
     content: dict[str, object] = {"status": result.outcome, "delivery_id": result.delivery_id}
     if result.batch_id is not None:
@@ -96,9 +186,11 @@ INGEST = Operation(
         200: IngestAnswer,
         400: ErrorBody,
         401: ErrorBody,
+        408: ErrorBody,
         413: ErrorBody,
         415: ErrorBody,
         422: ErrorBody,
+        500: ErrorBody,
         503: ErrorBody,
     },
     endpoint=receive_runflow,

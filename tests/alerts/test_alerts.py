@@ -258,6 +258,14 @@ async def test_resolved_waits_for_the_firing_notification_still_being_retried(
         await evaluate_once(settings, engine, now)
         async with httpx.AsyncClient() as http:
             assert await send_one(slow_retry, engine, http)  # the hook answers 500
+            # Full jitter may draw any wait up to the minute; pin it, so the firing waits.
+            conn = await connect(database_url)
+            try:
+                await conn.execute(
+                    "UPDATE alert_notifications SET next_attempt_at = now() + interval '60 s'"
+                )
+            finally:
+                await conn.close()
             # The runs leave the window: resolved is queued and due, firing waits a minute.
             await evaluate_once(settings, engine, now + timedelta(seconds=120))
             states = await rows(database_url, "SELECT state FROM alert_notifications ORDER BY id")
