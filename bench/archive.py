@@ -219,7 +219,9 @@ async def bench(url: str, sizes: list[int], days: int, body_bytes: int, repeat: 
         print(f"\nprune of one day ({name}, {rows:,} rows): detach + drop in {ms:.1f} ms")
         sweep_began = time.perf_counter()
         deleted = await conn.fetchval(
-            "WITH gone AS (DELETE FROM deliveries WHERE ctid IN (SELECT ctid FROM deliveries"
+            # By key, not ctid: a ctid names a row only within one partition.
+            "WITH gone AS (DELETE FROM deliveries WHERE (id, received_at) IN"
+            " (SELECT id, received_at FROM deliveries"
             " WHERE received_at < (SELECT min(received_at) FROM deliveries) + interval '1 day'"
             " LIMIT 100000) RETURNING 1) SELECT count(*) FROM gone"
         )
