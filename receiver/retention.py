@@ -359,18 +359,22 @@ def new_owner() -> str:
 async def maintain(
     engine: AsyncEngine, settings: Settings, *, due: float, dry_run: bool = False
 ) -> PruneReport | None:
-    """One maintenance pass under the lease: partitions ahead, then the prune; None if not ours."""
+    """One maintenance pass under the lease: partitions ahead, then the prune; None if not ours.
+
+    A dry run only reads, so it takes no lease and leaves the daily schedule as it was.
+    """
+    if dry_run:
+        return await prune(engine, settings, dry_run=True)
     owner = new_owner()
     if not await claim_lease(engine, settings, owner, due=due):
         return None
     try:
-        if not dry_run:
-            await ensure_partitions(engine, settings)
-        report = await prune(engine, settings, dry_run=dry_run)
+        await ensure_partitions(engine, settings)
+        report = await prune(engine, settings)
     except BaseException as exc:
         await release_lease(engine, owner, error=f"{type(exc).__name__}: {exc}", summary=None)
         raise
-    await release_lease(engine, owner, error=None, summary=None if dry_run else report.summary())
+    await release_lease(engine, owner, error=None, summary=report.summary())
     return report
 
 

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import create_engine
-from receiver.retention import claim_lease, ensure_partitions
+from receiver.retention import claim_lease, ensure_partitions, run_maintenance
 from receiver.settings import Settings
 from tests.support.apps import running_app
 from tests.support.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery
@@ -164,12 +164,16 @@ async def test_prune_drops_exactly_the_days_past_retention_and_keeps_every_run(
         expected
     )
     assert await _partitions(own_url) == before_parts  # a dry run drops nothing
+    # ... and does not count as the day's pass.
+    assert await _sql(own_url, "SELECT * FROM maintenance_state") == []
 
     out = run_cli("prune", env=env, cwd=tmp_path)
     dropped = {line.split()[2] for line in out.splitlines() if line.startswith("dropped partition")}
     assert dropped == expected
     assert "deleted 3 fingerprints" in out
     assert await _partitions(own_url) == before_parts - expected
+    state = await _sql(own_url, "SELECT last_success_at, last_summary FROM maintenance_state")
+    assert state[0]["last_success_at"] is not None
 
     kept = await _sql(own_url, "SELECT run_id FROM deliveries ORDER BY run_id")
     assert [row["run_id"] for row in kept] == sorted(f"run_age_{a}" for a in (30, 29, 1, 0))
@@ -273,3 +277,28 @@ async def test_one_process_at_a_time_holds_the_prune_lease(
         *(claim_lease(own_engine, settings, f"owner-{n}", due=0) for n in range(4))
     )
     assert sorted(claims) == [False, False, False, True]
+
+
+async def test_serve_prunes_once_a_day_whichever_process_gets_there_first(
+    own_url: str, own_engine: AsyncEngine
+) -> None:
+    await _archive_row(own_url, "run_loop", _noon(40), b'{"loop": 1}')
+    await ensure_partitions(own_engine, _settings(own_url))
+    old = _name(TODAY - timedelta(days=40))
+    assert old in await _partitions(own_url)
+    settings = _settings(own_url, maintenance_poll_seconds=0.05)
+    stop = asyncio.Event()
+    loops = [asyncio.create_task(run_maintenance(own_engine, settings, stop)) for _ in range(2)]
+    try:
+        for _ in range(200):  # bounded: at most 10 s
+            if old not in await _partitions(own_url):
+                break
+            await asyncio.sleep(0.05)
+        first = await _sql(own_url, "SELECT last_started_at FROM maintenance_state")
+        await asyncio.sleep(0.5)  # ten more polls in each loop: nothing is due for a day
+        later = await _sql(own_url, "SELECT last_started_at FROM maintenance_state")
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*loops), timeout=10)
+    assert old not in await _partitions(own_url)
+    assert len(first) == 1 and later == first
