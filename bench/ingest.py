@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from receiver.simulate import generate_traffic, send  # noqa: E402
+from receiver.simulate import EPOCH, generate_traffic, send  # noqa: E402
 from tests.support.processes import (  # noqa: E402
     embedded_url,
     free_port,
@@ -98,7 +98,8 @@ def main() -> int:
                 baselines.append(process)
             try:
                 for round_no in range(args.rounds):
-                    traffic = generate_traffic(count=args.count, seed=1000 + round_no)
+                    # A fixed epoch: every round and every run of the bench sends the same bytes.
+                    traffic = generate_traffic(count=args.count, seed=1000 + round_no, start=EPOCH)
                     for name, url in urls.items():
                         report = asyncio.run(
                             send(url, traffic, secret=SECRET, concurrency=args.concurrency)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -89,8 +90,12 @@ async def backfill(
     page_size: int = 500,
     client: RunflowClient | None = None,
     out: TextIO = sys.stderr,
+    progress: Callable[[int, dict[str, int]], None] | None = None,
 ) -> dict[str, int]:
-    """Import every run created in ``[since, until)``; returns counts by outcome."""
+    """Import every run created in ``[since, until)``; returns counts by outcome.
+
+    After each page, ``progress(imported, counts)`` if given, else a status line on ``out``.
+    """
     key = progress_key(since, until)
     cursor, imported, finished = await _load_progress(engine, key)
     counts = {"stored": 0, "duplicate": 0, "rejected": 0, "previously": imported}
@@ -116,17 +121,21 @@ async def backfill(
             imported += len(page.items)
             cursor = page.next_pq
             await _save_progress(engine, key, cursor, imported, finished=not cursor)
-            print(
-                f"\rbackfill: {imported} runs imported"
-                f" ({counts['stored']} stored, {counts['duplicate']} already known)",
-                end="",
-                file=out,
-                flush=True,
-            )
+            if progress is not None:
+                progress(imported, counts)
+            else:
+                print(
+                    f"\rbackfill: {imported} runs imported"
+                    f" ({counts['stored']} stored, {counts['duplicate']} already known)",
+                    end="",
+                    file=out,
+                    flush=True,
+                )
             if not cursor:
                 break
     finally:
-        print(file=out)
+        if progress is None:
+            print(file=out)
         if client is None:
             await api.aclose()
     return counts

@@ -1,49 +1,127 @@
-"""``runflow-receiver``: serve, migrate, simulate and the other operator commands."""
+"""``runflow-receiver``: serve, migrate, simulate and the other operator commands (click).
+
+Exit codes: 0 done; 1 the command ran and failed (deliveries still rejected, a backfill that
+stopped, a simulation not fully acknowledged); 2 a usage error (click's); 3 configuration or
+environment (bad settings, an unreachable database, a schema not at head).
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
+import click
+
+from receiver import __version__
 from receiver.errors import ReceiverError
-from receiver.settings import ConfigError, Settings, load_settings
-from receiver.startup import open_engine, prepare_database
+from receiver.settings import ConfigError, Settings
+from receiver.startup import command_settings, open_engine, prepare_database
 
-Command = Callable[[argparse.Namespace, Settings], int]
+log = logging.getLogger("receiver.cli")
 
+EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 1, 2, 3
 
-def _fail(message: str) -> int:
-    print(f"runflow-receiver: {message}", file=sys.stderr)
-    return 2
-
-
-def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from receiver.server import serve
-
-    return serve(
-        settings, host=args.host, port=args.port, workers=args.workers, migrate=args.migrate
-    )
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
-def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+def _settings(ctx: click.Context) -> Settings:
+    """Settings from the environment and the top command's flags, with logging set up."""
+    return command_settings(ctx.find_root().obj)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(
+    __version__, "--version", prog_name="runflow-receiver", message="%(prog)s %(version)s"
+)
+@click.option(
+    "--database-url",
+    metavar="URL",
+    default=None,
+    show_default="RECEIVER_DATABASE_URL, else the embedded PostgreSQL under --data-dir",
+    help="PostgreSQL URL (postgresql://user:pass@host:5432/db); wins over the environment.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    show_default="RECEIVER_DATA_DIR, else ./.receiver",
+    help="Embedded PostgreSQL data and generated credentials; wins over the environment.",
+)
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, data_dir: Path | None) -> None:
+    """Receive Runflow callbacks into PostgreSQL and answer failure analytics.
+
+    Settings come from RECEIVER_* environment variables (see the README); the options above
+    override the two that say where the data is.
+    """
+    ctx.obj = {"database_url": database_url, "data_dir": data_dir}
+
+
+@cli.command()
+@click.option(
+    "--host", default=None, show_default="RECEIVER_HOST, else 127.0.0.1", help="Bind address."
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    show_default="RECEIVER_PORT, else 8000",
+    help="Port to listen on.",
+)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, help="Worker processes.")
+@click.option(
+    "--migrate", is_flag=True, help="Upgrade an external database to the newest schema first."
+)
+@click.pass_context
+def serve(
+    ctx: click.Context, host: str | None, port: int | None, workers: int, migrate: bool
+) -> int:
+    """Run the HTTP receiver (and its enrichment, reconciliation and alert tasks).
+
+    On the embedded database it creates and migrates its own; on an external one it refuses a
+    schema that is not at head unless --migrate.
+    """
+    from receiver.server import serve as run_server
+
+    return run_server(_settings(ctx), host=host, port=port, workers=workers, migrate=migrate)
+
+
+@cli.command()
+@click.pass_context
+def migrate(ctx: click.Context) -> int:
+    """Upgrade the database schema to the newest revision."""
     from receiver.migrations import head_revision
 
-    prepare_database(settings, migrate=True)
-    print(f"database is at revision {head_revision()}")
+    prepare_database(_settings(ctx), migrate=True)
+    log.info("database is at revision %s", head_revision())
     return 0
 
 
-def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+@cli.command()
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=None,
+    show_default="RECEIVER_ENRICHMENT_CONCURRENCY",
+    help="Enrichment tasks in this process.",
+)
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int | None) -> int:
+    """Run the enrichment worker on its own (serve also runs it by default)."""
     from receiver.enrichment import Enricher
 
+    settings = _settings(ctx)
     if not settings.runflow_api_key:
         raise ConfigError("RECEIVER_RUNFLOW_API_KEY is not set: there is nothing to enrich with")
-    if args.concurrency is not None:
+    if concurrency is not None:
         # Lets `serve` keep RECEIVER_ENRICHMENT_CONCURRENCY=0 while workers share its env.
-        settings = settings.model_copy(update={"enrichment_concurrency": args.concurrency})
+        settings = settings.model_copy(update={"enrichment_concurrency": concurrency})
     if settings.enrichment_concurrency == 0:
         raise ConfigError("RECEIVER_ENRICHMENT_CONCURRENCY is 0: the worker would do nothing")
     engine = open_engine(settings)
@@ -58,163 +136,187 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await engine.dispose()
 
-    print(f"enrichment worker: {settings.enrichment_concurrency} tasks", flush=True)
+    log.info(
+        "enrichment worker: %d tasks",
+        settings.enrichment_concurrency,
+    )
     asyncio.run(work())
     return 0
 
 
-def cmd_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from receiver.backfill import BackfillError, backfill
+def _datetime(option: str, value: str | None) -> datetime | None:
     from receiver.queryparams import parse_datetime
 
+    if value is None:
+        return None
+    try:
+        return parse_datetime(option, value)
+    except ReceiverError as exc:
+        raise click.BadParameter(exc.message, param_hint=option) from None
+
+
+@cli.command()
+@click.option(
+    "--since", required=True, metavar="DATETIME", help="ISO 8601 date or datetime (inclusive)."
+)
+@click.option(
+    "--until",
+    default=None,
+    metavar="DATETIME",
+    show_default="no end",
+    help="ISO 8601 date or datetime (exclusive).",
+)
+@click.option(
+    "--page-size", type=click.IntRange(1, 500), default=500, help="Runs per page of Runflow's list."
+)
+@click.pass_context
+def backfill(ctx: click.Context, since: str, until: str | None, page_size: int) -> int:
+    """Import runs created in [--since, --until) from Runflow's API; rerun to resume."""
+    from receiver.backfill import BackfillError
+    from receiver.backfill import backfill as run_backfill
+    from receiver.logs import Progress
+
+    start, end = _datetime("--since", since), _datetime("--until", until)
+    assert start is not None
+    settings = _settings(ctx)
     if not settings.runflow_api_key:
         raise ConfigError("RECEIVER_RUNFLOW_API_KEY is not set: backfill reads Runflow's API")
-    try:
-        since = parse_datetime("--since", args.since)
-        until = parse_datetime("--until", args.until) if args.until else None
-    except ReceiverError as exc:
-        raise ConfigError(exc.message) from None
     engine = open_engine(settings)
 
-    async def run() -> dict[str, int]:
+    async def run(progress: Progress) -> dict[str, int]:
+        def page_done(imported: int, counts: dict[str, int]) -> None:
+            progress.update(
+                imported, f"({counts['stored']} stored, {counts['duplicate']} already known)"
+            )
+
         try:
-            return await backfill(
-                settings, engine, since=since, until=until, page_size=args.page_size
+            return await run_backfill(
+                settings, engine, since=start, until=end, page_size=page_size, progress=page_done
             )
         finally:
             await engine.dispose()
 
     try:
-        counts = asyncio.run(run())
+        with Progress("backfill", None) as progress:
+            counts = asyncio.run(run(progress))
     except BackfillError as exc:
-        print(f"backfill stopped: {exc}", file=sys.stderr)
-        return 1
-    print(
+        log.error("backfill stopped: %s", exc)
+        return EXIT_FAILED
+    click.echo(
         f"backfill done: {counts['stored']} stored, {counts['duplicate']} already known,"
         f" {counts['rejected']} rejected (earlier runs of this backfill: {counts['previously']})"
     )
     return 0
 
 
-def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    """Process kept deliveries again: the ids given, or every rejected one."""
-    from receiver.ingest import replay, replayable_rejections
+@cli.command()
+@click.argument("ids", nargs=-1, type=click.IntRange(min=1))
+@click.option("--all-rejected", is_flag=True, help="Every rejected delivery that kept its body.")
+@click.pass_context
+def replay(ctx: click.Context, ids: tuple[int, ...], all_rejected: bool) -> int:
+    """Process kept deliveries again (after a fix): the IDS given, or every rejected one.
 
-    if not args.ids and not args.all_rejected:
-        raise ConfigError("name delivery ids, or pass --all-rejected")
+    Exits 1 when some are still not accepted.
+    """
+    from receiver.ingest import replay as replay_one
+    from receiver.ingest import replayable_rejections
+
+    if not ids and not all_rejected:
+        raise click.UsageError("name delivery ids, or pass --all-rejected")
+    settings = _settings(ctx)
     engine = open_engine(settings)
 
     async def run() -> int:
-        ids = list(args.ids)
-        if args.all_rejected:
-            ids += await replayable_rejections(engine)
+        todo = list(ids)
+        if all_rejected:
+            todo += await replayable_rejections(engine)
         still_rejected = 0
         try:
-            for delivery_id in ids:
+            for delivery_id in todo:
                 try:
-                    result = await replay(
+                    result = await replay_one(
                         engine,
                         delivery_id,
                         enrich=settings.enrichment_queueing,
                         allow_unsigned=settings.allow_unsigned,
                     )
                 except ReceiverError as exc:
-                    print(f"delivery {delivery_id}: {exc.code}: {exc.message}")
+                    click.echo(f"delivery {delivery_id}: {exc.code}: {exc.message}")
                     still_rejected += 1
                     continue
                 where = result.run_id or result.batch_id or ""
                 cause = f" ({result.cause})" if result.cause else ""
-                print(f"delivery {delivery_id}: {result.outcome} {where}{cause}".rstrip())
+                click.echo(f"delivery {delivery_id}: {result.outcome} {where}{cause}".rstrip())
                 still_rejected += result.outcome == "rejected"
         finally:
             await engine.dispose()
-        print(f"replayed {len(ids)}: {len(ids) - still_rejected} accepted, {still_rejected} not")
-        return 1 if still_rejected else 0
+        accepted = len(todo) - still_rejected
+        click.echo(f"replayed {len(todo)}: {accepted} accepted, {still_rejected} not")
+        return EXIT_FAILED if still_rejected else 0
 
     return asyncio.run(run())
 
 
-def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Print what would be dropped; drop nothing.")
+@click.pass_context
+def prune(ctx: click.Context, dry_run: bool) -> int:
+    """Drop the archive's days past RECEIVER_RETENTION_DAYS and sweep the other tables.
+
+    Prints what it drops. Exits 1 when another process holds the maintenance lease.
+    """
     from receiver.retention import prune_command
 
-    return prune_command(settings, dry_run=args.dry_run)
+    return prune_command(_settings(ctx), dry_run=dry_run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="runflow-receiver",
-        description="Receive Runflow callbacks into PostgreSQL and answer failure analytics.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_module_commands() -> None:
+    """Commands that live with their own modules."""
+    from receiver.alerts.cli import alerts
+    from receiver.simulate import simulate
 
-    serve = sub.add_parser("serve", help="run the HTTP receiver")
-    serve.add_argument("--host", default=None, help="bind address (RECEIVER_HOST)")
-    serve.add_argument("--port", type=int, default=None, help="port (RECEIVER_PORT)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes")
-    serve.add_argument(
-        "--migrate", action="store_true", help="upgrade an external database before serving"
-    )
-    serve.set_defaults(handler=cmd_serve)
-
-    migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
-    migrate.set_defaults(handler=cmd_migrate)
-
-    replay = sub.add_parser("replay", help="process kept deliveries again (after a fix)")
-    replay.add_argument("ids", nargs="*", type=int, help="delivery ids")
-    replay.add_argument(
-        "--all-rejected", action="store_true", help="every rejected delivery that kept its body"
-    )
-    replay.set_defaults(handler=cmd_replay)
-
-    worker = sub.add_parser("worker", help="run the enrichment worker on its own")
-    worker.add_argument(
-        "--concurrency",
-        type=int,
-        default=None,
-        choices=range(1, 65),
-        metavar="1..64",
-        help="tasks in this process (default RECEIVER_ENRICHMENT_CONCURRENCY)",
-    )
-    worker.set_defaults(handler=cmd_worker)
-
-    back = sub.add_parser("backfill", help="import runs from Runflow's API")
-    back.add_argument("--since", required=True, help="ISO 8601 date or datetime (inclusive)")
-    back.add_argument("--until", default=None, help="ISO 8601 date or datetime (exclusive)")
-    back.add_argument("--page-size", type=int, default=500, choices=range(1, 501), metavar="1..500")
-    back.set_defaults(handler=cmd_backfill)
-
-    prune = sub.add_parser("prune", help="drop archive partitions and rows past retention")
-    prune.add_argument("--dry-run", action="store_true", help="print what would go; drop nothing")
-    prune.set_defaults(handler=cmd_prune)
-
-    for register in _extra_commands():
-        register(sub)
-    return parser
+    cli.add_command(simulate)
+    cli.add_command(alerts)
 
 
-def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    """Subcommands that live with their own modules."""
-    from receiver import simulate
-    from receiver.alerts import cli as alerts_cli
+_add_module_commands()
 
-    return [simulate.register, alerts_cli.register]
+
+def _fail(message: str, code: int) -> int:
+    from receiver.logs import json_logging
+
+    line = f"runflow-receiver: {message}"
+    if json_logging():  # one stream: the last line is JSON like the ones before it
+        log.error(line)
+    else:
+        click.echo(line, err=True)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """The console script: runs the command and returns its exit code."""
     try:
-        settings = load_settings()
-        from receiver.logs import configure_logging
-
-        configure_logging(settings)
-        handler: Command = args.handler
-        return handler(args, settings)
+        result: Any = cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="runflow-receiver",
+            standalone_mode=False,
+        )
+    except click.ClickException as exc:  # usage errors and bad parameters: 2
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        return _fail("aborted", 130)
     except ConfigError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), EXIT_CONFIG)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or a failure nothing above names: logged with its trace
+        log.exception("runflow-receiver: %s: %s", type(exc).__name__, exc)
+        return EXIT_FAILED
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -6,14 +6,18 @@ limits, its signals, the worker processes' environment) lives here.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 from typing import Any
 
 from receiver.errors import ReceiverError
+from receiver.logs import logging_config
 from receiver.settings import ConfigError, Settings, load_settings
 from receiver.startup import ensure_credentials, prepare_database
+
+log = logging.getLogger(__name__)
 
 
 def serve(
@@ -49,7 +53,11 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     host = host or settings.host
     port = port if port is not None else settings.port
-    print(f"receiving Runflow callbacks at http://{host}:{port}/webhooks/runflow", flush=True)
+    log.info(
+        "receiving Runflow callbacks at http://%s:%s/webhooks/runflow",
+        host,
+        port,
+    )
     # uvicorn re-raises SIGTERM after its graceful shutdown; with Python's default handler the
     # process would die without running atexit, leaving the embedded PostgreSQL running.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -59,8 +67,10 @@ def serve(
         host=host,
         port=port,
         workers=workers,
+        # Spawned workers apply this dict themselves: one format for uvicorn's lines and ours.
+        log_config=logging_config(settings),
         log_level=settings.log_level,
-        access_log=False,
+        access_log=False,  # receiver.logs.AccessLog logs each request (with its duration)
         lifespan="on",
         timeout_graceful_shutdown=10,
         # h11, not httptools: h11 enforces a limit on the request line plus headers.
@@ -116,8 +126,8 @@ def __getattr__(name: str) -> Any:
 def worker_app() -> object:
     """The app in a uvicorn worker process, configured from the environment ``serve`` set."""
     from receiver.app import create_app
-    from receiver.logs import configure_logging
+    from receiver.logs import AccessLog, configure_logging
 
     settings = load_settings()
     configure_logging(settings)
-    return create_app(settings, database_url=settings.database_url)
+    return AccessLog(create_app(settings, database_url=settings.database_url))

@@ -6,23 +6,28 @@ can compute what the receiver must end up storing. ``send`` posts them concurren
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import logging
 import random
-import sys
+import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import orjson
 
 from receiver.ingest.signature import sign
+from receiver.logs import Progress
 from receiver.settings import Settings
+
+log = logging.getLogger(__name__)
 
 MODELS = [
     "flux-dev",
@@ -99,9 +104,19 @@ class _Run:
         return self.created + timedelta(milliseconds=self.duration_ms + 400)
 
 
-def _make_run(rng: random.Random, index: int, prefix: str, start: datetime) -> _Run:
+def _make_run(
+    rng: random.Random,
+    index: int,
+    prefix: str,
+    created: datetime,
+    *,
+    status: str | None = None,
+    failure: tuple[str, str] | None = None,
+    model: str | None = None,
+) -> _Run:
+    """One run created at about ``created``; ``status``/``failure``/``model`` force a value."""
     roll = rng.random()
-    status = (
+    status = status or (
         "succeeded"
         if roll < 0.80
         else "failed"
@@ -111,16 +126,17 @@ def _make_run(rng: random.Random, index: int, prefix: str, start: datetime) -> _
         else "partial_succeeded"
     )
     target = rng.choice(TARGETS)
+    picked_model = rng.choice(MODELS)
     return _Run(
         id=f"{prefix}run_{index:07d}",
         status=status,
-        model=rng.choice(MODELS),
+        model=model or picked_model,
         target=target,
         source=rng.choice(SOURCES),
-        created=start + timedelta(seconds=index * 0.7, microseconds=rng.randrange(10**6)),
+        created=created + timedelta(microseconds=rng.randrange(10**6)),
         duration_ms=int(rng.lognormvariate(8.0, 0.8)),
         client_ref=f"order-{rng.randrange(10**9):09d}",
-        failure=rng.choice(FAILURES) if status == "failed" else None,
+        failure=(failure or rng.choice(FAILURES)) if status == "failed" else None,
         cost=f"{rng.uniform(0.0005, 0.25):.6f}",
         node_types=tuple(rng.choices(NODE_TYPES, k=rng.randrange(2, 6)))
         if target in ("flow", "comfyui")
@@ -128,7 +144,9 @@ def _make_run(rng: random.Random, index: int, prefix: str, start: datetime) -> _
     )
 
 
-def _envelope(rng: random.Random, run: _Run, *, attempt: int = 1) -> dict[str, Any]:
+def _envelope(
+    rng: random.Random, run: _Run, *, attempt: int = 1, legacy: bool = True
+) -> dict[str, Any]:
     status = run.status
     output: Any
     if status == "failed" and run.failure:
@@ -149,7 +167,7 @@ def _envelope(rng: random.Random, run: _Run, *, attempt: int = 1) -> dict[str, A
         "completed_at": _stamp(rng, run.completed),
         "metadata": {"attempt": attempt},
     }
-    if rng.random() < 0.05:
+    if rng.random() < 0.05 and legacy:
         # Old deliveries carry neither event nor status.
         del doc["event"], doc["status"]
     return doc
@@ -235,6 +253,82 @@ def _batch(rng: random.Random, batch_id: str, runs: list[_Run]) -> dict[str, Any
     }
 
 
+EPOCH = datetime(2026, 11, 1, tzinfo=UTC)
+SPREAD = timedelta(hours=3)
+STEP = timedelta(seconds=0.7)
+
+
+def _schedule(
+    total: int, start: datetime | None, end: datetime | None
+) -> Callable[[int], datetime]:
+    """When run ``index`` of ``total`` was created (before its sub-second jitter)."""
+    if end is None:
+        first = start or EPOCH
+        return lambda index: first + index * STEP
+    first = start if start is not None else end - SPREAD
+    if first > end:
+        raise ValueError("the traffic's start is after its end")
+    gap = (end - first) / max(total - 1, 1)
+    # A single run lands at the end ("now"), several reach from the start to the end.
+    return lambda index: end if total == 1 else first + index * gap
+
+
+RUN_EVENTS = tuple(_EVENT.values())
+_STATUS_OF = {event: status for status, event in _EVENT.items()}
+
+
+def generate_event(
+    event: str,
+    *,
+    count: int = 1,
+    seed: int = 0,
+    failure_code: str | None = None,
+    failure_stage: str | None = None,
+    model: str | None = None,
+    prefix: str = "evt",
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> list[SimDelivery]:
+    """``count`` runs that ended with ``event``, each as Runflow reports it: the Run object
+    (failure code, stage, model, cost, nodes) and then the callback envelope.
+
+    A ``failure_code`` with no ``failure_stage`` takes the stage Runflow uses for it (or
+    ``execution``); neither given: a seeded pick. Same arguments, same bytes.
+    """
+    status = _STATUS_OF.get(event)
+    if status is None:
+        raise ValueError(f"unknown event {event!r}: one of {', '.join(RUN_EVENTS)}")
+    if status != "failed" and (failure_code or failure_stage):
+        raise ValueError("a failure code or stage only goes with run.failed")
+    failure = None
+    if failure_code or failure_stage:
+        known = dict(FAILURES)
+        code = failure_code or next(
+            (c for c, s in FAILURES if s == failure_stage), "internal_error"
+        )
+        failure = (code, failure_stage or known.get(code, "execution"))
+    rng = random.Random(seed)
+    created = _schedule(count, start, end)
+    out: list[SimDelivery] = []
+    for index in range(count):
+        run = _make_run(
+            rng,
+            index,
+            f"{prefix}{seed}_",
+            created(index),
+            status=status,
+            failure=failure,
+            model=model,
+        )
+        for doc in (_run_object(rng, run), _envelope(rng, run, legacy=False)):
+            out.append(
+                SimDelivery(
+                    orjson.dumps(doc), run.id, None, "run_object" if "id" in doc else "run_envelope"
+                )
+            )
+    return out
+
+
 def generate_traffic(
     *,
     count: int,
@@ -244,18 +338,23 @@ def generate_traffic(
     batch_rate: float = 0.02,
     prefix: str = "sim",
     start: datetime | None = None,
+    end: datetime | None = None,
 ) -> list[SimDelivery]:
     """``count`` deliveries over ``runs`` runs (default: about count / 2), in arrival order.
 
     Per run: the terminal callback envelope; often a Run object (sometimes a stale
     ``running`` one, sent after the terminal one); sometimes a rebuilt redelivery with
     different bytes; exact duplicates; and now and then a batch callback over several runs.
+
+    Runs are created 0.7 s apart from ``start`` (default ``EPOCH``), or, given ``end``, spread
+    evenly over ``[start, end]`` (``start`` defaulting to ``end - SPREAD``). Nothing reads the
+    clock: the same arguments give the same bytes.
     """
     rng = random.Random(seed)
-    start = start or datetime(2026, 11, 1, tzinfo=UTC)
     prefix = f"{prefix}{seed}_"
     run_total = runs or max(1, count // 2)
-    all_runs = [_make_run(rng, i, prefix, start) for i in range(run_total)]
+    created = _schedule(run_total, start, end)
+    all_runs = [_make_run(rng, i, prefix, created(i)) for i in range(run_total)]
     out: list[SimDelivery] = []
     batch_no = 0
 
@@ -297,6 +396,7 @@ class SendReport:
     outcomes: Counter[str] = field(default_factory=Counter)
     statuses: Counter[int] = field(default_factory=Counter)
     errors: int = 0
+    finished: int = 0  # requests answered or given up on
     seconds: float = 0.0
     delivery_ids: list[int] = field(default_factory=list)
 
@@ -319,14 +419,14 @@ class SendReport:
 
 
 class _Http11:
-    """A minimal keep-alive HTTP/1.1 client for plain http:// URLs.
+    """A minimal keep-alive HTTP/1.1 client, over TLS when given an SSL context (https://).
 
     httpx costs more CPU per request than the receiver does, so on a small machine it, not the
     server, would set the pace of a load test.
     """
 
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self.host, self.port, self.tls = host, port, tls
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -341,7 +441,12 @@ class _Http11:
         for attempt in (1, 2):
             fresh = self.writer is None
             if fresh:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+                self.reader, self.writer = await asyncio.open_connection(
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls else None,
+                )
             try:
                 return await self._exchange(path, body, headers)
             except (ConnectionError, asyncio.IncompleteReadError):
@@ -393,15 +498,23 @@ async def send(
     secret: str | None,
     concurrency: int = 16,
     request_seconds: float = 30.0,
+    ca_file: Path | None = None,
+    on_answer: Callable[[SendReport], None] | None = None,
 ) -> SendReport:
     """POST every delivery over ``concurrency`` keep-alive connections; never retries.
 
     A request without an answer within ``request_seconds`` counts as an error, as Runflow
-    would count it, so a hung server cannot hang the sender.
+    would count it, so a hung server cannot hang the sender. https:// URLs are verified
+    against the system's certificates, or ``ca_file``'s. ``on_answer`` is called after each
+    request (answered or not), for progress.
     """
     target = httpx.URL(url)
-    if target.scheme != "http":
-        raise ValueError("simulate sends to http:// URLs on this machine or network")
+    if target.scheme not in ("http", "https"):
+        raise ValueError(f"simulate sends to http:// or https:// URLs, not {url!r}")
+    tls = None
+    if target.scheme == "https":
+        tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    default_port = 443 if tls else 80
     report = SendReport()
     queue: asyncio.Queue[SimDelivery] = asyncio.Queue()
     for delivery in deliveries:
@@ -409,7 +522,7 @@ async def send(
     path = target.raw_path.decode("ascii")
 
     async def worker(number: int) -> None:
-        connection = _Http11(target.host, target.port or 80)
+        connection = _Http11(target.host, target.port or default_port, tls)
         try:
             while not queue.empty():
                 delivery = queue.get_nowait()
@@ -425,19 +538,22 @@ async def send(
                         connection.post(path, delivery.body, headers), request_seconds
                     )
                 except (OSError, asyncio.IncompleteReadError, ValueError):  # TimeoutError too
-                    # Whatever was half sent or half read, this connection is done.
+                    # Whatever was half sent or half read (TLS errors too), it is done.
                     await connection.close()
                     report.errors += 1
-                    continue
-                report.statuses[status] += 1
-                if status == 200:
-                    answer = orjson.loads(payload)
-                    report.outcomes[answer["status"]] += 1
-                    report.delivery_ids.append(answer["delivery_id"])
-                elif status >= 500:
-                    report.errors += 1
                 else:
-                    report.outcomes["rejected"] += 1
+                    report.statuses[status] += 1
+                    if status == 200:
+                        answer = orjson.loads(payload)
+                        report.outcomes[answer["status"]] += 1
+                        report.delivery_ids.append(answer["delivery_id"])
+                    elif status >= 500:
+                        report.errors += 1
+                    else:
+                        report.outcomes["rejected"] += 1
+                report.finished += 1
+                if on_answer is not None:
+                    on_answer(report)
         finally:
             await connection.close()
 
@@ -447,9 +563,9 @@ async def send(
     return report
 
 
-def _secret(args: argparse.Namespace, settings: Settings) -> str | None:
-    if args.secret:
-        return str(args.secret)
+def _secret(given: str | None, settings: Settings) -> str | None:
+    if given:
+        return given
     if settings.signing_secrets:
         return settings.signing_secrets[0]
     kept = Path(settings.data_dir) / "signing_secret"
@@ -458,49 +574,162 @@ def _secret(args: argparse.Namespace, settings: Settings) -> str | None:
     return None
 
 
-def run_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    secret = _secret(args, settings)
+def _when(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"not an ISO 8601 datetime: {value!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@click.command("simulate")
+@click.option("--url", default="http://127.0.0.1:8000/webhooks/runflow", help="Webhook URL.")
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    show_default="500, or 1 with --event",
+    help="Deliveries to send; with --event, runs (two deliveries each).",
+)
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=16, help="Requests in flight.")
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=None,
+    show_default="count / 2",
+    help="Distinct runs in the traffic.",
+)
+@click.option("--seed", type=int, default=0, help="Same seed and epoch, same bytes.")
+@click.option(
+    "--secret",
+    default=None,
+    show_default="RECEIVER_SIGNING_SECRETS, else DATA_DIR/signing_secret",
+    help="Signing secret.",
+)
+@click.option(
+    "--duplicate-rate",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    help="Share of deliveries sent twice with the same bytes.",
+)
+@click.option(
+    "--batch-rate",
+    type=click.FloatRange(0, 1),
+    default=0.02,
+    help="Chance per run of a batch callback over a few runs.",
+)
+@click.option(
+    "--prefix", default=None, show_default="sim, or evt with --event", help="Run id prefix."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    help="Seconds to wait for each answer.",
+)
+@click.option(
+    "--epoch",
+    default=None,
+    metavar="DATETIME",
+    show_default="now minus --spread-hours",
+    help="Fixed first creation time (ISO 8601), for reproducible traffic (benchmarks, tests).",
+)
+@click.option(
+    "--spread-hours",
+    type=click.FloatRange(min=0),
+    default=SPREAD.total_seconds() / 3600,
+    help="Without --epoch: runs are created over this many hours, ending now.",
+)
+@click.option(
+    "--event",
+    type=click.Choice(RUN_EVENTS),
+    default=None,
+    help="Send only runs that ended with this event (Run object plus envelope).",
+)
+@click.option("--failure-code", default=None, help="With --event run.failed: the failure code.")
+@click.option(
+    "--failure-stage",
+    default=None,
+    show_default="the code's usual stage",
+    help="With --event run.failed: dispatch, execution, callback, reconciliation, ...",
+)
+@click.option("--model", default=None, help="With --event: the model's slug.")
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    show_default="the system's",
+    help="CA certificates (PEM) to verify an https:// URL with.",
+)
+@click.pass_obj
+def simulate(obj: object, /, **opts: Any) -> int:
+    """Send realistic signed Runflow callbacks to a URL (the demo and the load source).
+
+    Without --event: a mix of envelopes, Run objects (some stale), rebuilt redeliveries,
+    exact duplicates and batch callbacks. With --event: only runs that ended that way, like
+    `stripe trigger`, e.g. --event run.failed --failure-code no_capacity.
+    """
+    from receiver.startup import command_settings
+
+    settings = command_settings(obj)
+    if httpx.URL(opts["url"]).scheme not in ("http", "https"):
+        raise click.BadParameter("an http:// or https:// URL", param_hint="--url")
+    secret = _secret(opts["secret"], settings)
     if secret is None:
-        print(
-            "simulate: no signing secret (pass --secret, set RECEIVER_SIGNING_SECRETS, "
-            "or run it where serve keeps its data directory); sending unsigned",
-            file=sys.stderr,
+        log.warning(
+            "no signing secret (pass --secret, set RECEIVER_SIGNING_SECRETS, or run it where"
+            " serve keeps its data directory); sending unsigned"
         )
-    traffic = generate_traffic(
-        count=args.count,
-        seed=args.seed,
-        runs=args.runs,
-        duplicate_rate=args.duplicate_rate,
-        batch_rate=args.batch_rate,
-        prefix=args.prefix,
-    )
-    report = asyncio.run(
-        send(
-            args.url,
-            traffic,
-            secret=secret,
-            concurrency=args.concurrency,
-            request_seconds=args.timeout,
+    start = _when(opts["epoch"])
+    # Runs end a minute ago, so their completions (seconds later) are in the past too.
+    end = None if start else datetime.now(UTC) - timedelta(minutes=1)
+    if end is not None:
+        start = end - timedelta(hours=opts["spread_hours"])
+    if opts["event"] is None:
+        opts["count"] = opts["count"] or 500
+        if opts["failure_code"] or opts["failure_stage"] or opts["model"]:
+            raise click.UsageError("--failure-code, --failure-stage and --model need --event")
+        traffic = generate_traffic(
+            count=opts["count"],
+            seed=opts["seed"],
+            runs=opts["runs"],
+            duplicate_rate=opts["duplicate_rate"],
+            batch_rate=opts["batch_rate"],
+            prefix=opts["prefix"] or "sim",
+            start=start,
+            end=end,
         )
-    )
-    print(report.summary())
+    else:
+        # Each trigger makes new runs unless the ids are pinned (--prefix or --epoch).
+        opts["count"] = opts["count"] or 1
+        stamp = (end or start or EPOCH).strftime("%Y%m%d%H%M%S")
+        try:
+            traffic = generate_event(
+                opts["event"],
+                count=opts["count"],
+                seed=opts["seed"],
+                failure_code=opts["failure_code"],
+                failure_stage=opts["failure_stage"],
+                model=opts["model"],
+                prefix=opts["prefix"] or f"evt{stamp}_",
+                start=start,
+                end=end,
+            )
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    with Progress("simulate", len(traffic)) as progress:
+        report = asyncio.run(
+            send(
+                opts["url"],
+                traffic,
+                secret=secret,
+                concurrency=opts["concurrency"],
+                request_seconds=opts["timeout"],
+                ca_file=opts["ca_file"],
+                on_answer=lambda r: progress.update(r.finished, f"({r.acknowledged} acknowledged)"),
+            )
+        )
+    click.echo(report.summary())
     return 0 if report.acknowledged == report.sent else 1
-
-
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = sub.add_parser("simulate", help="send realistic signed Runflow callbacks to a URL")
-    parser.add_argument(
-        "--url", default="http://127.0.0.1:8000/webhooks/runflow", help="webhook URL"
-    )
-    parser.add_argument("--count", type=int, default=500, help="deliveries to send")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--runs", type=int, default=None, help="distinct runs (default count/2)")
-    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
-    parser.add_argument("--secret", default=None, help="signing secret (default: configured)")
-    parser.add_argument("--duplicate-rate", type=float, default=0.05)
-    parser.add_argument("--batch-rate", type=float, default=0.02)
-    parser.add_argument("--prefix", default="sim", help="run id prefix")
-    parser.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for each answer"
-    )
-    parser.set_defaults(handler=run_simulate)

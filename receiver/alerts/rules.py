@@ -135,10 +135,15 @@ def validate_rule(data: object) -> Rule:
     return rule
 
 
-def load_rules_file(path: Path) -> list[Rule]:
-    """Rules from a YAML file: a list of rules, or ``{"rules": [...]}``."""
+def read_rule_items(path: Path) -> list[Any]:
+    """The unvalidated rules of a YAML file: a list of rules, or ``{"rules": [...]}``."""
     data = yaml.safe_load(path.read_text())
     items = data.get("rules", []) if isinstance(data, dict) else data
     if not isinstance(items, list):
         raise InvalidRule(f"{path}: expected a list of rules")
-    return [validate_rule(item) for item in items]
+    return items
+
+
+def load_rules_file(path: Path) -> list[Rule]:
+    """Rules from a YAML file: a list of rules, or ``{"rules": [...]}``."""
+    return [validate_rule(item) for item in read_rule_items(path)]

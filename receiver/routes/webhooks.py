@@ -61,6 +61,7 @@ class RateLimitedLog:
 
 
 REFUSAL_LOG = RateLimitedLog()
+LOGGED_REQUEST_ID = 128  # characters of Runflow-Request-Id a log line carries
 
 
 class _TooLarge(Exception):
@@ -100,8 +101,15 @@ async def _drain(request: Request, size: int, bound: int) -> bool:
 
 async def receive_runflow(request: Request) -> Response:
     started = time.perf_counter()
+    # One line per answer, so a Runflow-Request-Id can be followed to the delivery and run.
+    line: dict[str, object] = {
+        "request_id": clipped(request.headers.get("runflow-request-id"), LOGGED_REQUEST_ID)
+    }
     try:
-        response = await _receive(request)
+        response, content = await _receive(request)
+        line.update(content)
+        line["outcome"] = line.pop("status")
+        line["status"] = response.status_code
     except ReceiverError as error:
         if isinstance(error, Unavailable):
             outcome = "unavailable"
@@ -110,6 +118,12 @@ async def receive_runflow(request: Request) -> Response:
         else:
             outcome = "rejected"
         metrics.DELIVERIES.labels(outcome, error.code).inc()
+        line.update(
+            outcome=outcome,
+            cause=error.code,
+            status=error.status_code,
+            delivery_id=error.delivery_id,
+        )
         if error.code not in REFUSED_CAUSES:
             raise
         _refused(request, error)
@@ -120,12 +134,24 @@ async def receive_runflow(request: Request) -> Response:
         response.headers["connection"] = "close"
     except DATABASE_DOWN:
         metrics.DELIVERIES.labels("unavailable", Unavailable.code).inc()
+        line.update(outcome="unavailable", cause=Unavailable.code, status=Unavailable.status_code)
         raise
     except Exception:
         metrics.DELIVERIES.labels("error", "internal_error").inc()
+        line.update(outcome="error", cause="internal_error", status=500)
         raise
     finally:
-        metrics.INGEST_SECONDS.observe(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.INGEST_SECONDS.observe(seconds)
+        line["duration_ms"] = round(seconds * 1000, 2)
+        status = line.get("status")
+        level = logging.INFO if isinstance(status, int) and status < 500 else logging.WARNING
+        if line.get("cause") in REFUSED_CAUSES:
+            # Anyone can send these: a flood must not flood the log (REFUSAL_LOG is bounded).
+            level = logging.DEBUG
+        log.log(
+            level, "delivery %s", line.get("outcome"), extra={**line, "_in_message": ("outcome",)}
+        )
     return response
 
 
@@ -135,11 +161,11 @@ def _refused(request: Request, error: ReceiverError) -> None:
         error.code,
         "refused webhook request: %s request_id=%s",
         error.code,
-        clipped(request.headers.get("runflow-request-id"), 128),
+        clipped(request.headers.get("runflow-request-id"), LOGGED_REQUEST_ID),
     )
 
 
-async def _receive(request: Request) -> Response:
+async def _receive(request: Request) -> tuple[Response, dict[str, object]]:
     res = resources(request)
     settings = res.settings
     received_at = datetime.now(UTC)
@@ -161,7 +187,7 @@ async def _receive(request: Request) -> Response:
         ) from None
     except ClientDisconnect:
         # Nobody is left to answer; nothing was kept.
-        return Response(status_code=400)
+        return Response(status_code=400), {"status": "disconnected"}
     result = await ingest.receive(
         res.engine, settings, RawDelivery(body=body, headers=headers, received_at=received_at)
     )
@@ -174,7 +200,7 @@ async def _receive(request: Request) -> Response:
         content["duplicate_of"] = result.duplicate_of
     metrics.DELIVERIES.labels(result.outcome, "").inc()
     metrics.record_terminal(result.reached_terminal)
-    return ORJSONResponse(content)
+    return ORJSONResponse(content), content
 
 
 INGEST = Operation(

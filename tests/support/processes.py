@@ -97,14 +97,19 @@ def stop(process: subprocess.Popen[bytes], *, sig: int = signal.SIGTERM) -> None
 
 
 @contextmanager
-def serve_in_thread(app: Any) -> Iterator[int]:
-    """An ASGI app served by uvicorn on a free 127.0.0.1 port in a thread; yields the port."""
+def serve_in_thread(app: Any, **config: Any) -> Iterator[int]:
+    """An ASGI app served by uvicorn on a free 127.0.0.1 port in a thread; yields the port.
+
+    ``config`` goes to ``uvicorn.Config`` (e.g. ``ssl_certfile``/``ssl_keyfile`` for TLS).
+    """
     import threading
 
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
