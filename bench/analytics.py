@@ -237,9 +237,72 @@ async def measure(base: str, url: str, now: datetime, repeat: int, explain: bool
     print(f"\n{'query':52} {'receiver ms':>12} {'naive ms':>10} {'naive/receiver':>15}")
     for name, ours, naive in rows:
         print(f"{name:52} {ours:12.1f} {naive:10.1f} {naive / ours:15.1f}")
+    await compare_durations(conn, now, repeat)
     if explain:
         await print_plans(conn, now)
     await conn.close()
+
+
+DURATIONS_IN_SQL = (
+    "SELECT model, count(*), percentile_disc(ARRAY[0.5,0.9,0.95,0.99]::float8[]) WITHIN GROUP"
+    " (ORDER BY duration_ms), max(duration_ms) FROM runs WHERE sort_at >= $1 AND sort_at < $2"
+    " AND status = ANY($3) AND duration_ms IS NOT NULL GROUP BY model"
+)
+DURATIONS_AS_ARRAYS = (
+    "SELECT model, array_agg(duration_ms) AS durations FROM runs WHERE sort_at >= $1"
+    " AND sort_at < $2 AND status = ANY($3) AND duration_ms IS NOT NULL GROUP BY model"
+)
+
+
+async def compare_durations(conn: asyncpg.Connection, now: datetime, repeat: int) -> None:
+    """Percentiles by percentile_disc in PostgreSQL (the receiver since the query-bounds
+    change) against the earlier way: every duration handed over by array_agg, sorted in Python.
+    Same table, indexes and connection; both give the same nearest-rank values."""
+    import math
+    import tracemalloc
+
+    terminal = ["succeeded", "failed", "cancelled", "partial_succeeded"]
+    await conn.execute("SET work_mem = '64MB'")  # as receiver.analytics sets for durations
+
+    async def in_python(after: datetime, before: datetime) -> dict[str, list[int]]:
+        out = {}
+        for row in await conn.fetch(DURATIONS_AS_ARRAYS, after, before, terminal):
+            ordered = sorted(row["durations"])
+            ranks = [
+                ordered[max(0, math.ceil(f * len(ordered)) - 1)] for f in (0.5, 0.9, 0.95, 0.99)
+            ]
+            out[row["model"]] = [len(ordered), *ranks, ordered[-1]]
+        return out
+
+    async def in_sql(after: datetime, before: datetime) -> dict[str, list[int]]:
+        rows = await conn.fetch(DURATIONS_IN_SQL, after, before, terminal)
+        return {r["model"]: [r["count"], *r["percentile_disc"], r["max"]] for r in rows}
+
+    print(
+        f"\n{'durations per model':30} {'sql ms':>9} {'python ms':>10} {'python/sql':>11}"
+        f" {'sql peak MiB':>13} {'python peak MiB':>16}"
+    )
+    for label, span in (("7d", timedelta(days=7)), ("30d", timedelta(days=30))):
+        after, before = now - span, now
+        assert await in_sql(after, before) == await in_python(after, before), label
+        timings, peaks = {}, {}
+        for name, fn in (("sql", in_sql), ("python", in_python)):
+            samples = []
+            for _ in range(repeat):
+                started = time.perf_counter()
+                await fn(after, before)
+                samples.append(time.perf_counter() - started)
+            tracemalloc.start()
+            await fn(after, before)
+            peaks[name] = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
+            timings[name] = median_ms(samples)
+        print(
+            f"{label:30} {timings['sql']:9.1f} {timings['python']:10.1f}"
+            f" {timings['python'] / timings['sql']:11.2f} {peaks['sql']:13.1f}"
+            f" {peaks['python']:16.1f}"
+        )
+    await conn.execute("RESET work_mem")
 
 
 async def print_plans(conn: asyncpg.Connection, now: datetime) -> None:
@@ -265,9 +328,8 @@ async def print_plans(conn: asyncpg.Connection, now: datetime) -> None:
             " GROUP BY 1",
             [after, before],
         ),
-        "durations 7d (values per model; nearest ranks are picked in Python)": (
-            "SELECT model, array_agg(duration_ms) FROM runs WHERE sort_at >= $1"
-            " AND sort_at < $2 AND status = ANY($3) AND duration_ms IS NOT NULL GROUP BY model",
+        "durations 7d (percentile_disc per model, in one statement)": (
+            DURATIONS_IN_SQL,
             [after, before, ["succeeded", "failed", "cancelled", "partial_succeeded"]],
         ),
         "costs 7d by model (the route reads it as two halves at once)": (

@@ -1,15 +1,58 @@
-"""Read queries for /runs and /deliveries: keyset pages on the indexes of revision 0002."""
+"""Read queries for /runs and /deliveries: keyset pages on the indexes of revision 0002.
+
+Every read the API serves runs in a transaction of its own whose statements are cancelled
+after the request's statement timeout (``bounded_reads``; ``SET LOCAL``, so nothing outlives
+the transaction on a pooled or PgBouncer-shared connection); a cancelled read is a 503.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
+from receiver.errors import Unavailable
 from receiver.queryparams import FILTER_COLUMNS, RunFilters
 from receiver.retention import retained_since
+
+# The statement timeout of the request being served (seconds); None outside API requests.
+_STATEMENT_TIMEOUT: ContextVar[float | None] = ContextVar("statement_timeout", default=None)
+
+
+@contextmanager
+def bounded_reads(seconds: float) -> Iterator[None]:
+    """Reads made inside (tasks started inside included) are cancelled after ``seconds``."""
+    token = _STATEMENT_TIMEOUT.set(seconds)
+    try:
+        yield
+    finally:
+        _STATEMENT_TIMEOUT.reset(token)
+
+
+@asynccontextmanager
+async def read_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A driver connection in a transaction, under the request's statement timeout."""
+    seconds = _STATEMENT_TIMEOUT.get()
+    async with driver_connection(engine) as conn:
+        try:
+            async with conn.transaction():
+                if seconds is not None:
+                    await conn.execute(
+                        f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}"
+                    )
+                yield conn
+        except asyncpg.exceptions.QueryCanceledError:
+            raise Unavailable(
+                f"the query took longer than {seconds} s and was cancelled;"
+                " narrow the window or the filters, or retry later"
+            ) from None
+
 
 RUN_COLUMNS = (
     "id, org_id, status, event, target_type, model, model_id, flow_id, comfyui_workflow_id,"
@@ -132,7 +175,7 @@ async def _page(
     engine: AsyncEngine, sql: str, args: list[Any], key: str, limit: int
 ) -> tuple[list[Any], Any]:
     """One page of ``sql`` (which reads one row more than the page, to know if more follow)."""
-    async with driver_connection(engine) as conn:
+    async with read_connection(engine) as conn:
         rows = list(await conn.fetch(sql, *args))
     more = len(rows) > limit
     rows = rows[:limit]
@@ -140,7 +183,7 @@ async def _page(
 
 
 async def get_run(engine: AsyncEngine, run_id: str) -> dict[str, Any] | None:
-    async with driver_connection(engine) as conn:
+    async with read_connection(engine) as conn:
         row = await conn.fetchrow(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
         if row is None:
             return None
@@ -159,16 +202,24 @@ def delivery_out(row: Any) -> dict[str, Any]:
     return dict(row)
 
 
-async def run_deliveries(engine: AsyncEngine, run_id: str) -> list[dict[str, Any]]:
-    """Every request that touched the run, batch callbacks included, oldest first."""
-    async with driver_connection(engine) as conn:
-        rows = await conn.fetch(
-            f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE run_id = $1"
-            " OR id IN (SELECT delivery_id FROM run_patches WHERE run_id = $1)"
-            " ORDER BY received_at, id",
-            run_id,
-        )
-    return [delivery_out(row) for row in rows]
+async def run_deliveries(
+    engine: AsyncEngine, run_id: str, *, limit: int, after: tuple[datetime, int] | None
+) -> tuple[list[dict[str, Any]], tuple[datetime, int] | None]:
+    """Requests that touched the run, batch callbacks included, oldest first: one page after
+    the cursor position, and the position of the next page when more follow."""
+    where = Where()
+    run = where.param(run_id)
+    where.raw(
+        f"(run_id = {run} OR id IN (SELECT delivery_id FROM run_patches WHERE run_id = {run}))"
+    )
+    if after is not None:
+        where.add("(received_at, id) > ({}, {})", *after)
+    sql = (
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE {where.sql()}"
+        f" ORDER BY received_at, id LIMIT {limit + 1}"
+    )
+    rows, last = await _page(engine, sql, where.args, "received_at", limit)
+    return [delivery_out(row) for row in rows], last
 
 
 async def archive_retained_since(engine: AsyncEngine) -> datetime | None:
@@ -192,7 +243,7 @@ async def list_deliveries(
 
 
 async def get_delivery(engine: AsyncEngine, delivery_id: int) -> dict[str, Any] | None:
-    async with driver_connection(engine) as conn:
+    async with read_connection(engine) as conn:
         row = await conn.fetchrow(
             f"SELECT {DELIVERY_COLUMNS}, body FROM deliveries WHERE id = $1", delivery_id
         )

@@ -44,6 +44,9 @@ DIMENSIONS = {
 }
 HIGH_CARDINALITY = {"id", "run_id", "client_ref", "batch_id"}
 DEFAULT_WINDOW = timedelta(hours=24)
+# The longest window analytics reads: a year (and a leap day) of runs, not a century.
+MAX_WINDOW = timedelta(days=366)
+INT64 = (-(2**63), 2**63 - 1)
 
 
 @dataclass
@@ -65,11 +68,13 @@ def parse_datetime(name: str, raw: str) -> datetime:
         text = text[:-1] + "+00:00"
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        # OverflowError: "0001-01-01T00:00:00+01:00" is before the first representable UTC day.
         raise InvalidQuery(
-            f"{name} must be an ISO 8601 datetime", [{"param": name, "value": raw}]
+            f"{name} must be an ISO 8601 datetime between 1970 and 2200",
+            [{"param": name, "value": raw}],
         ) from None
-    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     if not 1970 <= moment.year <= 2200:
         raise InvalidQuery(f"{name} must be between 1970 and 2200", [{"param": name}])
     return moment
@@ -128,6 +133,12 @@ def with_default_window(filters: RunFilters, now: datetime | None = None) -> Run
         before = max(now, after + timedelta(microseconds=1))
     elif after is None:
         after = before - DEFAULT_WINDOW
+    if before - after > MAX_WINDOW:
+        raise InvalidQuery(
+            f"the window spans {(before - after).days} days; at most {MAX_WINDOW.days}:"
+            " narrow created_after/created_before",
+            [{"param": "created_after"}, {"param": "created_before"}],
+        )
     return RunFilters(dict(filters.values), after, before)
 
 
@@ -184,9 +195,14 @@ def decode_cursor(params: QueryParams, kinds: tuple[type, ...]) -> tuple[Any, ..
         out: list[Any] = []
         for value, kind in zip(values, kinds, strict=True):
             if kind is datetime:
-                out.append(datetime.fromisoformat(value))
+                # Only what the API issues: an aware datetime that PostgreSQL can compare.
+                moment = datetime.fromisoformat(value)
+                if moment.tzinfo is None:
+                    raise ValueError
+                out.append(moment.astimezone(UTC))
             elif (
                 not isinstance(value, kind)
+                or (isinstance(value, int) and not INT64[0] <= value <= INT64[1])
                 or isinstance(value, bool)
                 or (isinstance(value, str) and "\x00" in value)
             ):
@@ -194,5 +210,5 @@ def decode_cursor(params: QueryParams, kinds: tuple[type, ...]) -> tuple[Any, ..
             else:
                 out.append(value)
         return tuple(out)
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, binascii.Error, orjson.JSONDecodeError):
         raise InvalidQuery("cursor is not one this API issued", [{"param": "cursor"}]) from None

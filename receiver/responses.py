@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from datetime import date, datetime
+from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import orjson
 from starlette.responses import JSONResponse
@@ -12,8 +16,6 @@ from receiver.errors import ReceiverError, Unavailable
 
 def _default(value: Any) -> Any:
     # Decimals stay exact on the wire: cost is a decimal string, never a float.
-    from decimal import Decimal
-
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, bytes | memoryview):
@@ -21,8 +23,25 @@ def _default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def _default_slow(value: Any) -> Any:
+    # What orjson writes natively, for the standard library's encoder.
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    return _default(value)
+
+
 def dumps(content: Any) -> bytes:
-    return orjson.dumps(content, default=_default)
+    """JSON bytes of ``content``: orjson, or the standard library for numbers orjson refuses.
+
+    jsonb keeps numbers exactly, so a stored ``1e20`` reads back as an integer beyond the 64
+    bits orjson can write; such a (rare) document is written by the slower encoder instead.
+    """
+    try:
+        return orjson.dumps(content, default=_default)
+    except TypeError:
+        return json.dumps(content, default=_default_slow, ensure_ascii=False).encode()
 
 
 class ORJSONResponse(JSONResponse):

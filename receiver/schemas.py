@@ -124,6 +124,7 @@ class DeliveryDetail(DeliveryOut):
 
 class DeliveryList(_Out):
     items: list[DeliveryOut]
+    next_cursor: str | None
     aged_out: bool = Field(
         default=False,
         description="true when the run was first heard of before retained_since: its older"

@@ -94,8 +94,14 @@ class Settings(BaseSettings):
     alert_backoff_seconds: float = Field(default=1.0, gt=0)
     alert_backoff_max_seconds: float = Field(default=300.0, gt=0)
     alert_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Hooks may point at loopback/private/link-local addresses (in-cluster hooks, tests);
+    # off, any token holder could make the server POST into its own network.
+    alert_allow_private_targets: bool = False
     public_url: str | None = None  # base of the /runs links in notifications
     metrics_top_failure_codes: int = Field(default=20, ge=1, le=500)
+    # Read side: each /runs, /deliveries and /analytics request's statements are cancelled
+    # after this long (SET LOCAL in its transaction) and answered 503.
+    query_statement_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
 
     @property
     def enrichment_queueing(self) -> bool:

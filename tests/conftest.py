@@ -69,6 +69,8 @@ def settings(database_url: str) -> Settings:
         signing_secrets=[SIGNING_SECRET],
         api_tokens=[API_TOKEN],
         runflow_api_key=None,
+        # The tests' hook servers listen on 127.0.0.1.
+        alert_allow_private_targets=True,
     )
 
 

@@ -12,9 +12,10 @@ import httpx
 import yaml
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.alerts.notify import SIGNATURE_HEADER, render
+from receiver.alerts.notify import SIGNATURE_HEADER, post_hook, render
 from receiver.alerts.rules import load_rules_file, read_rule_items, validate_rule
 from receiver.alerts.store import get_rule, list_rules, rule_states, unsent_notifications
+from receiver.alerts.targets import redact_url
 from receiver.errors import ReceiverError
 from receiver.ingest.signature import sign
 from receiver.settings import ConfigError, Settings
@@ -66,14 +67,9 @@ async def send_test(settings: Settings, engine: AsyncEngine, name: str) -> int:
             headers = {"content-type": "application/json"}
             if target.secret:
                 headers[SIGNATURE_HEADER] = sign(body, target.secret)
-            try:
-                response = await client.post(target.url, content=body, headers=headers)
-                outcome = f"HTTP {response.status_code}"
-                failures += not response.is_success
-            except httpx.HTTPError as exc:
-                outcome = f"failed: {exc}"
-                failures += 1
-            click.echo(f"{target.url} ({target.format}): {outcome}")
+            error, outcome = await post_hook(settings, client, target.url, body, headers)
+            failures += error is not None
+            click.echo(f"{redact_url(target.url)} ({target.format}): {outcome}")
     return 1 if failures else 0
 
 

@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from receiver.alerts.targets import BlockedTarget, checked_addresses, redact_url
 from receiver.backoff import full_jitter
 from receiver.db import driver_connection
 from receiver.ingest.signature import sign
@@ -63,6 +63,65 @@ def render(notice: dict[str, Any], fmt: str) -> bytes:
     return orjson.dumps(notice)
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether a ConnectionRefusedError is among the causes (anyio groups them per address)."""
+    seen: list[BaseException] = [exc]
+    for error in seen:
+        if isinstance(error, ConnectionRefusedError):
+            return True
+        if len(seen) < 50:
+            seen.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+            if isinstance(error, BaseExceptionGroup):
+                seen.extend(error.exceptions)
+    return False
+
+
+async def post_hook(
+    settings: Settings, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[str | None, str]:
+    """POST ``body`` to a hook: (None, detail) when it answered 2xx, else (code, detail).
+
+    The code (``blocked``, ``http_error``, ``timeout``, ``refused``, ``connect_error``) is what
+    token holders see; the detail (the status, the exception) is for the server log and the
+    operator's command line only, so a hook URL cannot be used to map what answers on which
+    port. The host is resolved and every address checked (``receiver.alerts.targets``); the
+    request goes only to those checked addresses, with the URL's host name kept for the Host
+    header and TLS; redirects are never followed.
+    """
+    try:
+        addresses = await checked_addresses(url, allow_private=settings.alert_allow_private_targets)
+        target = httpx.URL(url)
+        request_headers = {**headers, "host": target.netloc.decode("ascii")}
+        # httpx's timeout bounds each phase; a hook trickling its answer needs a total deadline.
+        async with asyncio.timeout(settings.alert_timeout_seconds):
+            for index, address in enumerate(addresses):
+                try:
+                    response = await client.post(
+                        target.copy_with(host=str(address)),
+                        content=body,
+                        headers=request_headers,
+                        follow_redirects=False,
+                        extensions={"sni_hostname": target.raw_host.decode("ascii")},
+                    )
+                    break
+                except httpx.ConnectError:
+                    # The next checked address (localhost: ::1, then 127.0.0.1), as any
+                    # client would; the last one's error is the answer.
+                    if index == len(addresses) - 1:
+                        raise
+    except BlockedTarget as exc:
+        return "blocked", f"refused: {exc}"
+    except (httpx.TimeoutException, TimeoutError):
+        return "timeout", f"no answer within {settings.alert_timeout_seconds} s"
+    except httpx.ConnectError as exc:
+        code = "refused" if _refused(exc) else "connect_error"
+        return code, f"cannot connect: {exc}"
+    except (httpx.HTTPError, ValueError) as exc:
+        return "connect_error", f"{type(exc).__name__}: {exc}"
+    detail = f"HTTP {response.status_code}"
+    return (None if response.is_success else "http_error"), detail
+
+
 async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncClient) -> bool:
     """Claim and POST one due notification; False when none is due."""
     async with driver_connection(engine) as conn:
@@ -74,24 +133,15 @@ async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncC
     headers = {"content-type": "application/json", "user-agent": "runflow-receiver"}
     if row["secret"]:
         headers[SIGNATURE_HEADER] = sign(body, row["secret"])
-    error: str | None = None
-    try:
-        # httpx's timeout bounds each phase; a hook trickling its answer needs a total deadline.
-        async with asyncio.timeout(settings.alert_timeout_seconds):
-            response = await client.post(row["url"], content=body, headers=headers)
-        if response.is_success:
-            async with driver_connection(engine) as conn:
-                await conn.execute(
-                    "UPDATE alert_notifications SET state = 'sent', sent_at = now(),"
-                    " locked_until = NULL, last_error = NULL WHERE id = $1",
-                    row["id"],
-                )
-            return True
-        error = f"http_{response.status_code}"
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-    except TimeoutError:
-        error = f"no answer within {settings.alert_timeout_seconds} s"
+    error, detail = await post_hook(settings, client, row["url"], body, headers)
+    if error is None:
+        async with driver_connection(engine) as conn:
+            await conn.execute(
+                "UPDATE alert_notifications SET state = 'sent', sent_at = now(),"
+                " locked_until = NULL, last_error = NULL WHERE id = $1",
+                row["id"],
+            )
+        return True
     attempts = row["attempts"]
     give_up = attempts >= settings.alert_max_attempts
     delay = full_jitter(
@@ -106,9 +156,8 @@ async def send_one(settings: Settings, engine: AsyncEngine, client: httpx.AsyncC
             error,
             delay,
         )
-    # Only the host: hook URLs (Slack's) carry their credential in the path.
-    host = urlsplit(row["url"]).netloc
-    log.warning("alert notification %s to %s failed: %s", row["id"], host, error)
+    shown = redact_url(row["url"])
+    log.warning("alert notification %s to %s failed: %s (%s)", row["id"], shown, error, detail)
     return True
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import httpx
 import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from receiver.alerts.targets import is_redacted, redact_url
 from receiver.errors import InvalidRule
 
 FILTERABLE = ("failure_code", "failure_stage", "model", "target_type", "source")
@@ -35,6 +38,20 @@ class HookTarget(BaseModel):
     url: str = Field(pattern=r"^https?://", max_length=2000)
     secret: str | None = Field(default=None, max_length=500)
     format: Literal["json", "slack"] = "json"
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, value: str) -> str:
+        if is_redacted(value):
+            return value  # stands for a stored URL; restore_secrets swaps it back
+        try:
+            url = httpx.URL(value)
+            urlsplit(value).port  # noqa: B018 (a port out of 0-65535 raises here)
+        except (httpx.InvalidURL, ValueError, UnicodeError) as exc:
+            raise ValueError(f"not a usable URL: {exc}") from None
+        if not url.host:
+            raise ValueError("the URL names no host")
+        return value
 
 
 class Rule(BaseModel):
@@ -85,34 +102,58 @@ class Rule(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
     def public_definition(self) -> dict[str, Any]:
-        """The definition with hook secrets replaced by ``REDACTED``, for API answers."""
+        """The definition for API answers: hook secrets replaced by ``REDACTED``, hook URLs
+        shown as ``scheme://host/***`` (their userinfo and path are credentials too)."""
         shown = self.definition()
         for target in shown["targets"]:
+            target["url"] = redact_url(target["url"])
             if target["secret"] is not None:
                 target["secret"] = REDACTED
         return shown
 
 
-def restore_secrets(data: dict[str, Any], stored: Rule | None) -> dict[str, Any]:
-    """``data`` with each ``REDACTED`` secret replaced by the stored secret of the same URL.
+def _stored_target(url: str, index: int, stored: Rule | None) -> HookTarget | None:
+    """The stored target a redacted ``url`` stands for: the one at the same position if it
+    redacts to it, else the only one that does."""
+    if stored is None:
+        return None
+    if index < len(stored.targets) and redact_url(stored.targets[index].url) == url:
+        return stored.targets[index]
+    matching = [t for t in stored.targets if redact_url(t.url) == url]
+    return matching[0] if len(matching) == 1 else None
 
-    So a rule read from the API can be sent back changed without repeating its secrets.
+
+def restore_secrets(data: dict[str, Any], stored: Rule | None) -> dict[str, Any]:
+    """``data`` with each redacted URL and ``REDACTED`` secret replaced by the stored ones.
+
+    So a rule read from the API can be sent back changed without repeating its hook URLs and
+    secrets: a URL shown as ``scheme://host/***`` stands for the stored target it came from.
     """
     targets = data.get("targets")
     if not isinstance(targets, list):
         return data
-    known = {t.url: t.secret for t in stored.targets} if stored else {}
     restored: list[Any] = []
-    for target in targets:
-        if isinstance(target, dict) and target.get("secret") == REDACTED:
+    for index, target in enumerate(targets):
+        if isinstance(target, dict):
             url = target.get("url")
-            secret = known.get(url) if isinstance(url, str) else None
-            if secret is None:
-                raise InvalidRule(
-                    f"target {url!r}: the secret is {REDACTED}, and no stored"
-                    " target with that url has one to keep; send the secret itself"
-                )
-            target = {**target, "secret": secret}
+            if isinstance(url, str) and is_redacted(url):
+                kept = _stored_target(url, index, stored)
+                if kept is None:
+                    raise InvalidRule(
+                        f"target {url!r}: the url is redacted, and no stored target it"
+                        " stands for; send the url itself"
+                    )
+                target = {**target, "url": kept.url}
+            if target.get("secret") == REDACTED:
+                url = target.get("url")
+                known = {t.url: t.secret for t in stored.targets} if stored else {}
+                secret = known.get(url) if isinstance(url, str) else None
+                if secret is None:
+                    raise InvalidRule(
+                        f"target {redact_url(str(url))!r}: the secret is {REDACTED}, and no"
+                        " stored target with that url has one to keep; send the secret itself"
+                    )
+                target = {**target, "secret": secret}
         restored.append(target)
     return {**data, "targets": restored}
 

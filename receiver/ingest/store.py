@@ -16,11 +16,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
 from receiver.ingest.archive import ArchiveEntry
 from receiver.ingest.merge import MergedRun, StoredPatch, fold_run
 from receiver.ingest.payloads import RUN_FIELDS, ParsedPayload
+from receiver.responses import dumps
 from receiver.vocabulary import PRECEDENCE, TERMINAL_RANK, DeliveryOutcome, precedence
 
 # Column types of run fields that need converting between JSON patches and SQL values.
@@ -33,7 +32,7 @@ def json_text(value: Any) -> str | None:
     """JSON text for a jsonb parameter: the jsonb codec SQLAlchemy installs takes text."""
     if value is None:
         return None
-    return orjson.dumps(value, default=str).decode()
+    return dumps(value).decode()
 
 
 @dataclass

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from receiver.alerts import store
 from receiver.alerts.rules import Rule, restore_secrets, validate_rule
+from receiver.alerts.targets import check_rule_targets, redact_url
 from receiver.apidoc import PAGE_PARAMS, Operation, Param
 from receiver.errors import Conflict, InvalidQuery, InvalidRule, NotFound
 from receiver.queryparams import decode_cursor, encode_cursor, parse_limit
@@ -36,8 +37,17 @@ async def _with_states(request: Request, rule_id: int, rule: Rule) -> dict[str, 
     return {"rule": rule.public_definition(), "states": states}
 
 
+async def _checked(request: Request, rule: Rule) -> Rule:
+    """The rule, once its hook targets are known to point outside this network."""
+    allow = resources(request).settings.alert_allow_private_targets
+    await check_rule_targets([t.url for t in rule.targets], allow_private=allow)
+    return rule
+
+
 async def create_rule(request: Request) -> Response:
-    rule = validate_rule(restore_secrets(await _json_object(request), None))
+    rule = await _checked(
+        request, validate_rule(restore_secrets(await _json_object(request), None))
+    )
     engine = resources(request).engine
     if await store.get_rule(engine, rule.name) is not None:
         raise Conflict(f"a rule named {rule.name!r} exists; PATCH it instead")
@@ -70,6 +80,7 @@ async def patch_rule(request: Request) -> Response:
     if "name" in changes and changes["name"] != rule.name:
         raise InvalidRule("a rule cannot be renamed; create a new one")
     updated = validate_rule(restore_secrets({**rule.definition(), **changes}, rule))
+    await _checked(request, updated)
     engine = resources(request).engine
     await store.upsert_rule(engine, updated)
     found = await store.get_rule(engine, updated.name)
@@ -96,6 +107,9 @@ async def list_events(request: Request) -> Response:
         before_id=None if after is None else after[0],
         limit=limit,
     )
+    for item in items:
+        for notice in item["notifications"]:
+            notice["url"] = redact_url(notice["url"])
     cursor = encode_cursor(items[-1]["id"]) if more else None
     return ORJSONResponse({"items": items, "next_cursor": cursor})
 
@@ -113,7 +127,8 @@ CREATE = Operation(
 LIST = Operation(
     "/alerts/rules",
     "get",
-    "Alert rules with the state of each group; hook secrets are shown as ********",
+    "Alert rules with the state of each group; hook secrets are shown as ********,"
+    " hook URLs as scheme://host/***",
     {200: AlertRules, **_ERRORS},
     endpoint=list_rules,
     tags=("alerts",),
@@ -132,7 +147,8 @@ GET = Operation(
 PATCH = Operation(
     "/alerts/rules/{name}",
     "patch",
-    "Change fields of an alert rule; a target secret sent as ******** keeps the stored one",
+    "Change fields of an alert rule; a target secret sent as ******** or a url sent as shown"
+    " (scheme://host/***) keeps the stored one",
     {200: AlertRuleOut, 404: ErrorBody, **_ERRORS},
     endpoint=patch_rule,
     params=(NAME,),

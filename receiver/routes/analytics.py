@@ -11,18 +11,21 @@ from receiver.errors import InvalidQuery
 from receiver.queryparams import parse_filters, parse_group_by, with_default_window
 from receiver.resources import resources
 from receiver.responses import ORJSONResponse
+from receiver.routes.reads import bounded
 from receiver.schemas import Costs, Durations, ErrorBody, Failures, Timeseries
 
 _ERRORS: dict[int, type[ErrorBody] | None] = {401: ErrorBody, 422: ErrorBody, 503: ErrorBody}
-_WINDOW = " Window: [created_after, created_before), default the last 24 hours."
+_WINDOW = " Window: [created_after, created_before), default the last 24 hours, at most 366 days."
 
 
+@bounded
 async def failures(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["failure_code", "failure_stage"])
     return ORJSONResponse(await analytics.failures(resources(request).reader, filters, group_by))
 
 
+@bounded
 async def timeseries(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     bucket = request.query_params.get("bucket", "hour")
@@ -35,12 +38,14 @@ async def timeseries(request: Request) -> Response:
     return ORJSONResponse(result)
 
 
+@bounded
 async def durations(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["model"])
     return ORJSONResponse(await analytics.durations(resources(request).reader, filters, group_by))
 
 
+@bounded
 async def costs(request: Request) -> Response:
     filters = with_default_window(parse_filters(request.query_params))
     group_by = parse_group_by(request.query_params, ["model"])

@@ -13,6 +13,7 @@ from receiver.errors import InvalidQuery, NotFound
 from receiver.queryparams import decode_cursor, encode_cursor, parse_filters, parse_limit
 from receiver.resources import resources
 from receiver.responses import ORJSONResponse
+from receiver.routes.reads import bounded
 from receiver.schemas import (
     DeliveryDetail,
     DeliveryList,
@@ -47,6 +48,7 @@ def _id_path(request: Request) -> int:
     return delivery_id
 
 
+@bounded
 async def list_runs(request: Request) -> Response:
     filters = parse_filters(request.query_params)
     limit = parse_limit(request.query_params)
@@ -61,6 +63,7 @@ async def list_runs(request: Request) -> Response:
     return ORJSONResponse({"items": items, "next_cursor": cursor})
 
 
+@bounded
 async def get_run(request: Request) -> Response:
     run_id = _text_path(request, "run_id")
     run = await queries.get_run(resources(request).reader, run_id)
@@ -69,20 +72,31 @@ async def get_run(request: Request) -> Response:
     return ORJSONResponse(run)
 
 
+@bounded
 async def run_deliveries(request: Request) -> Response:
     run_id = _text_path(request, "run_id")
+    limit = parse_limit(request.query_params)
+    after = decode_cursor(request.query_params, (datetime, int))
     engine = resources(request).reader
     run = await queries.get_run(engine, run_id)
     if run is None:
         raise NotFound(f"no run {run_id!r}")
-    items = await queries.run_deliveries(engine, run_id)
+    items, last = await queries.run_deliveries(engine, run_id, limit=limit, after=after)
     # The archive keeps whole days back to retained_since; a run first heard of before that
     # has had its older deliveries dropped (its row is whole: pruning never changes a run).
     since = await queries.archive_retained_since(engine)
     aged_out = since is not None and run["first_received_at"] < since
-    return ORJSONResponse({"items": items, "aged_out": aged_out, "retained_since": since})
+    return ORJSONResponse(
+        {
+            "items": items,
+            "next_cursor": encode_cursor(*last) if last else None,
+            "aged_out": aged_out,
+            "retained_since": since,
+        }
+    )
 
 
+@bounded
 async def list_deliveries(request: Request) -> Response:
     outcomes = [
         v.strip()
@@ -106,6 +120,7 @@ async def list_deliveries(request: Request) -> Response:
     return ORJSONResponse({"items": items, "next_cursor": encode_cursor(*last) if last else None})
 
 
+@bounded
 async def get_delivery(request: Request) -> Response:
     delivery_id = _id_path(request)
     found = await queries.get_delivery(resources(request).reader, delivery_id)
@@ -152,10 +167,10 @@ GET_RUN = Operation(
 RUN_DELIVERIES = Operation(
     "/runs/{run_id}/deliveries",
     "get",
-    "Every delivery that touched a run, oldest first",
+    "Every delivery that touched a run, oldest first, paged by cursor",
     {200: DeliveryList, 404: ErrorBody, **_ERRORS},
     endpoint=run_deliveries,
-    params=(RUN_ID,),
+    params=(RUN_ID, *PAGE_PARAMS),
     tags=("runs",),
 )
 

@@ -79,6 +79,7 @@ async def quiet_app(db, database_url):
         api_tokens=[API_TOKEN],
         alert_backoff_seconds=0.01,
         alert_backoff_max_seconds=0.05,
+        alert_allow_private_targets=True,
     )
     async with running_app(settings, run_worker=False) as (app, client):
         yield client, settings, app.state.resources.engine
@@ -139,7 +140,7 @@ async def test_hook_answering_500_then_200_gets_the_notification_once(quiet_app,
             assert (notice["state"], notice["attempts"], notice["last_error"]) == (
                 "pending",
                 1,
-                "http_500",
+                "http_error",
             )
             deadline = time.monotonic() + 10
             while not hook.received:
@@ -159,7 +160,7 @@ async def test_hook_answering_500_then_200_gets_the_notification_once(quiet_app,
     assert delivered["headers"]["receiver-signature"] == expected
     [event] = (await client.get("/alerts/events", headers=auth())).json()["items"]
     [notice] = event["notifications"]
-    assert notice["url"] == url and notice["sent_at"] is not None
+    assert notice["url"] == url.split("/hook")[0] + "/***" and notice["sent_at"] is not None
     assert (notice["state"], notice["attempts"], notice["last_error"]) == ("sent", 2, None)
 
 
@@ -172,6 +173,7 @@ async def test_ingest_answers_while_the_hook_target_hangs(db, database_url):
             api_tokens=[API_TOKEN],
             alert_interval_seconds=0.1,
             alert_poll_seconds=0.05,
+            alert_allow_private_targets=True,
         )
         async with running_app(settings) as (app, client):
             engine = app.state.resources.engine
@@ -299,7 +301,7 @@ async def test_a_hook_that_never_answers_is_given_up_on_and_retried(quiet_app, d
     assert outbox == {
         "state": "pending",
         "attempts": 1,
-        "last_error": "no answer within 0.3 s",
+        "last_error": "timeout",
         "locked_until": None,
     }
 

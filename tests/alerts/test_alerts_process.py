@@ -75,6 +75,7 @@ def test_one_firing_one_resolved_and_silence_inside_the_cooldown(database_url, t
             RECEIVER_ALERT_RULES_FILE=str(rules),
             RECEIVER_ALERT_INTERVAL_SECONDS="0.25",
             RECEIVER_ALERT_POLL_SECONDS="0.1",
+            RECEIVER_ALERT_ALLOW_PRIVATE_TARGETS="true",
         )
         with serving(env, tmp_path, workers=2) as (base, _):
             asyncio.run(burst(base, "one"))

@@ -55,7 +55,9 @@ async def test_alerts_test_sends_a_signed_sample_and_list_prints_states(
         await evaluate_once(settings, db, datetime.now(UTC))
         async with httpx.AsyncClient() as http:
             assert await send_one(settings, db, http)
-        env = receiver_env(RECEIVER_DATABASE_URL=database_url)
+        env = receiver_env(
+            RECEIVER_DATABASE_URL=database_url, RECEIVER_ALERT_ALLOW_PRIVATE_TARGETS="true"
+        )
         out = await asyncio.to_thread(run_cli, "alerts", "test", "cli-rule", env=env, cwd=tmp_path)
         listed = await asyncio.to_thread(run_cli, "alerts", "list", env=env, cwd=tmp_path)
     assert "HTTP 200" in out
@@ -65,7 +67,7 @@ async def test_alerts_test_sends_a_signed_sample_and_list_prints_states(
     assert "cli-rule: failure_count" in listed
     firing = listed.split("cli-firing")[1].splitlines()[1].split()
     assert firing[:3] == ["all", "runs", "firing"]
-    assert "notifications pending: 1 (an error: ConnectError" in listed
+    assert "notifications pending: 1 (an error: refused)" in listed
 
 
 def test_bad_configuration_stops_with_one_line(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import schemathesis
@@ -59,6 +60,7 @@ def test_documented_parameters_are_exactly_the_accepted_ones():
 
 
 schema = schemathesis.openapi.from_dict(DOCUMENT)
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,13 @@ def live_receiver(database_url, tmp_path_factory):
     suppress_health_check=list(HealthCheck),
 )
 def test_fuzzed_requests_get_documented_answers_and_never_500(case, live_receiver):
+    # Generated extra headers that are not HTTP at all (a name with ";", a content-length of
+    # letters) are refused by uvicorn's parser with a bare 400 before the app is reached.
+    case.headers = {
+        name: value
+        for name, value in (case.headers or {}).items()
+        if _TOKEN.fullmatch(name) and name.lower() not in {"content-length", "transfer-encoding"}
+    }
     response = case.call(base_url=live_receiver, headers=auth(), timeout=30)
     # Semantic rejections (a window that ends before it starts, a cursor we never issued) are
     # fine as documented 422s; what must never happen is a 500 or an undocumented answer.
