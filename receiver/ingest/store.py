@@ -119,7 +119,7 @@ def _precedence_sql(column: str) -> str:
 # Node runs follow the merge rules by their own status: a payload whose node status ranks at
 # least as high overwrites non-null fields, a lower one (a stale Run object) only fills nulls.
 _NODE_WINS = f"{_precedence_sql('EXCLUDED.status')} >= {_precedence_sql('node_runs.status')}"
-_UPSERT_NODE_RUN = "INSERT INTO node_runs ({cols}) VALUES ({vals}) ON CONFLICT (id) DO UPDATE SET {sets}, updated_at = now()".format(  # noqa: E501
+_UPSERT_NODE_RUN = "INSERT INTO node_runs ({cols}) VALUES ({vals}) ON CONFLICT (id, run_id) DO UPDATE SET {sets}, updated_at = now()".format(  # noqa: E501
     cols=", ".join(_NODE_COLUMNS),
     vals=", ".join(f"${i}" for i in range(1, len(_NODE_COLUMNS) + 1)),
     sets=", ".join(
@@ -130,7 +130,7 @@ _UPSERT_NODE_RUN = "INSERT INTO node_runs ({cols}) VALUES ({vals}) ON CONFLICT (
 )
 
 _LOG_COLUMNS = ("id", "run_id", "node_run_id", "level", "message", "logged_at", "data")
-_UPSERT_LOG = "INSERT INTO run_logs ({cols}) VALUES ({vals}) ON CONFLICT (id) DO UPDATE SET {sets}".format(  # noqa: E501
+_UPSERT_LOG = "INSERT INTO run_logs ({cols}) VALUES ({vals}) ON CONFLICT (id, run_id) DO UPDATE SET {sets}".format(  # noqa: E501
     cols=", ".join(_LOG_COLUMNS),
     vals=", ".join(f"${i}" for i in range(1, len(_LOG_COLUMNS) + 1)),
     sets=", ".join(f"{c} = COALESCE(EXCLUDED.{c}, run_logs.{c})" for c in _LOG_COLUMNS[1:]),
