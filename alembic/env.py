@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
@@ -17,18 +18,29 @@ target_metadata = SQLModel.metadata
 
 def _run(connection: Connection) -> None:
     # Compare as tests/test_schema.py does, so `alembic check` and autogenerate see what it sees.
+    # Partitions (the archive's days, made by receiver.retention) are data, not schema.
+    partitions = {
+        row[0]
+        for row in connection.execute(text("SELECT relname FROM pg_class WHERE relispartition"))
+    }
+
+    def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+        return not (type_ == "table" and name in partitions)
+
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         compare_server_default=True,
+        include_name=include_name,
     )
     with context.begin_transaction():
         context.run_migrations()
 
 
 async def _run_async(url: str) -> None:
-    engine = create_engine(url, pool_size=1)
+    # Behind PgBouncer (transaction pooling) no statement may be cached on a server connection.
+    engine = create_engine(url, pool_size=1, pgbouncer=load_settings().db_pgbouncer)
     async with engine.connect() as connection:
         await connection.run_sync(_run)
         await connection.commit()

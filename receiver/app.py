@@ -28,6 +28,7 @@ from receiver.errors import MethodNotAllowed, NotFound, ReceiverError, Unavailab
 from receiver.reconciliation import run_reconciler
 from receiver.resources import open_resources
 from receiver.responses import error_response
+from receiver.retention import partitions_at_start, run_maintenance
 from receiver.routes import all_operations, static_routes
 from receiver.settings import Settings
 
@@ -74,6 +75,7 @@ async def _start_background(
     settings: Settings, engine: AsyncEngine, stop: asyncio.Event
 ) -> list[asyncio.Task[None]]:
     """The enrichment worker and the reconciler (when enabled), the alert evaluator and sender."""
+    await partitions_at_start(engine, settings)
     if settings.alert_rules_file is not None:
         for rule in load_rules_file(settings.alert_rules_file):
             await upsert_rule(engine, rule)
@@ -85,6 +87,7 @@ async def _start_background(
         tasks.append(asyncio.create_task(Enricher(settings, engine).run(stop)))
     if settings.reconcile_enabled:
         tasks.append(asyncio.create_task(run_reconciler(settings, engine, stop)))
+    tasks.append(asyncio.create_task(run_maintenance(engine, settings, stop)))
     return tasks
 
 

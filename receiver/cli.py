@@ -257,6 +257,19 @@ def replay(ctx: click.Context, ids: tuple[int, ...], all_rejected: bool) -> int:
     return asyncio.run(run())
 
 
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Print what would be dropped; drop nothing.")
+@click.pass_context
+def prune(ctx: click.Context, dry_run: bool) -> int:
+    """Drop the archive's days past RECEIVER_RETENTION_DAYS and sweep the other tables.
+
+    Prints what it drops. Exits 1 when another process holds the maintenance lease.
+    """
+    from receiver.retention import prune_command
+
+    return prune_command(_settings(ctx), dry_run=dry_run)
+
+
 def _add_module_commands() -> None:
     """Commands that live with their own modules."""
     from receiver.alerts.cli import alerts

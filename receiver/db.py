@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import uuid
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -295,6 +296,21 @@ def resolve_database_url(settings: Settings) -> tuple[str, bool]:
     return start_embedded(settings.data_dir), True
 
 
+def pgbouncer_connect_args() -> dict[str, Any]:
+    """asyncpg and SQLAlchemy options for PgBouncer in transaction pooling mode.
+
+    Each transaction may run on a different server connection, so nothing may outlive one:
+    asyncpg's statement cache is off (its unnamed statements live only as long as the
+    statement), SQLAlchemy's asyncpg dialect caches none either, and any statement SQLAlchemy
+    does prepare gets a name no other client process can have picked.
+    """
+    return {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4().hex}__",
+    }
+
+
 def create_engine(
     url: str,
     *,
@@ -302,6 +318,7 @@ def create_engine(
     connect_timeout: float = 10.0,
     pool_timeout: float = 30.0,
     command_timeout: float | None = None,
+    pgbouncer: bool = False,
     **kwargs: Any,
 ) -> AsyncEngine:
     """An async engine on asyncpg; the pool is per process.
@@ -309,11 +326,14 @@ def create_engine(
     ``connect_timeout`` bounds opening a connection (asyncpg ``timeout``), ``pool_timeout`` the
     wait for a free one, ``command_timeout`` every statement on the client side: asyncpg
     cancels it and raises TimeoutError, which also covers a server that stopped answering
-    altogether (where a server-side statement_timeout never fires).
+    altogether (where a server-side statement_timeout never fires). ``pgbouncer``: see
+    :func:`pgbouncer_connect_args`.
     """
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
     if command_timeout is not None:
         connect_args["command_timeout"] = command_timeout
+    if pgbouncer:
+        connect_args.update(pgbouncer_connect_args())
     connect_args.update(kwargs.pop("connect_args", {}))
     return create_async_engine(
         async_url(url),

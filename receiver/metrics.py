@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -44,6 +45,7 @@ from receiver.alerts.store import enabled_rule_states
 from receiver.db import DATABASE_DOWN
 from receiver.enrichment import queue_status
 from receiver.reconciliation import metric_families as reconcile_families
+from receiver.retention import archive_status
 from receiver.settings import Settings
 
 DELIVERIES = Counter(
@@ -154,7 +156,43 @@ async def database_families(settings: Settings, engine: AsyncEngine) -> list[Met
         group: dict[str, Any] = orjson.loads(row["group_key"])
         label = ",".join(f"{k}={v}" for k, v in sorted(group.items()))
         alert.add_metric([row["name"], label, row["state"]], 1)
-    return [failures, depth, oldest, failed, alert, *await reconcile_families(settings, engine)]
+    return [
+        failures,
+        depth,
+        oldest,
+        failed,
+        alert,
+        *await reconcile_families(settings, engine),
+        *await archive_families(engine),
+    ]
+
+
+async def archive_families(engine: AsyncEngine) -> list[Metric]:
+    """The archive's partitions: the default one should stay empty, days should lie ahead."""
+    status = await archive_status(engine)
+    stranded = GaugeMetricFamily(
+        "runflow_receiver_archive_default_partition_rows",
+        "Deliveries in the archive's default partition (no daily partition covered them;"
+        " counted up to 1,000,000): above 0, partition maintenance is not running",
+    )
+    stranded.add_metric([], status["default_partition_rows"])
+    partitions = GaugeMetricFamily(
+        "runflow_receiver_archive_partitions", "Daily partitions the archive has"
+    )
+    partitions.add_metric([], status["partitions"])
+    ahead = GaugeMetricFamily(
+        "runflow_receiver_archive_covered_seconds",
+        "Seconds from now to the end of the newest daily archive partition",
+    )
+    until = status["covered_until"]
+    ahead.add_metric([], (until - datetime.now(UTC)).total_seconds() if until else 0.0)
+    oldest = GaugeMetricFamily(
+        "runflow_receiver_archive_retained_since_timestamp_seconds",
+        "Start of the oldest daily archive partition (older deliveries were pruned)",
+    )
+    since = status["retained_since"]
+    oldest.add_metric([], since.timestamp() if since else 0.0)
+    return [stranded, partitions, ahead, oldest]
 
 
 async def render(settings: Settings, engine: AsyncEngine) -> bytes:

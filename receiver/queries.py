@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from receiver.db import driver_connection
 from receiver.errors import Unavailable
 from receiver.queryparams import FILTER_COLUMNS, RunFilters
+from receiver.retention import retained_since
 
 # The statement timeout of the request being served (seconds); None outside API requests.
 _STATEMENT_TIMEOUT: ContextVar[float | None] = ContextVar("statement_timeout", default=None)
@@ -220,6 +221,12 @@ async def run_deliveries(
     )
     rows, last = await _page(engine, sql, where.args, "received_at", limit)
     return [delivery_out(row) for row in rows], last
+
+
+async def archive_retained_since(engine: AsyncEngine) -> datetime | None:
+    """Where the archive begins: older deliveries have been pruned (receiver.retention)."""
+    async with driver_connection(engine) as conn:
+        return await retained_since(conn)
 
 
 async def list_deliveries(

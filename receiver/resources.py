@@ -16,11 +16,12 @@ from receiver.settings import Settings
 class Resources:
     """The settings and the database engines every route works with.
 
-    Three pools so no kind of work can take the connections another needs: ``engine`` is the
-    ingest path's (webhooks, replay, readiness), with short time limits; ``read_engine`` serves
-    the query and analytics routes (it may later point at a read replica); ``background_engine``
-    is for the alert evaluator and sender, enrichment and the reconciler. Unset, the read and
-    background engines are the ingest one (tests that build Resources by hand).
+        Three pools so no kind of work can take the connections another needs: ``engine`` is the
+        ingest path's (webhooks, replay, readiness), with short time limits; ``read_engine`` serves
+        the query and analytics routes (``RECEIVER_READ_DATABASE_URL``, a replica or any read-only
+    connection, when set); ``background_engine``
+        is for the alert evaluator and sender, enrichment and the reconciler. Unset, the read and
+        background engines are the ingest one (tests that build Resources by hand).
     """
 
     settings: Settings
@@ -55,6 +56,7 @@ class Resources:
 def open_resources(settings: Settings, url: str) -> Resources:
     """The three engines on ``url``, each with its own pool and time limits."""
     connect, pool = settings.db_connect_timeout_seconds, settings.db_pool_timeout_seconds
+    bouncer = settings.db_pgbouncer
     # The client-side limit sits a little above the server-side statement_timeout the ingest
     # transaction sets, so a live server cancels first and a frozen one is caught anyway.
     ingest = create_engine(
@@ -63,16 +65,18 @@ def open_resources(settings: Settings, url: str) -> Resources:
         connect_timeout=connect,
         pool_timeout=pool,
         command_timeout=settings.ingest_statement_timeout_seconds + 1,
+        pgbouncer=bouncer,
     )
     use_transaction_timeouts(
         ingest, settings.ingest_statement_timeout_seconds, settings.ingest_lock_timeout_seconds
     )
     reads = create_engine(
-        url,
+        settings.read_database_url or url,
         pool_size=settings.read_pool_size,
         connect_timeout=connect,
         pool_timeout=max(pool, 5.0),
         command_timeout=settings.read_statement_timeout_seconds,
+        pgbouncer=bouncer,
     )
     background = create_engine(
         url,
@@ -80,6 +84,7 @@ def open_resources(settings: Settings, url: str) -> Resources:
         connect_timeout=connect,
         pool_timeout=max(pool, 10.0),
         command_timeout=settings.background_statement_timeout_seconds,
+        pgbouncer=bouncer,
     )
     return Resources(
         settings=settings,

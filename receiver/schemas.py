@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Out(BaseModel):
@@ -125,6 +125,14 @@ class DeliveryDetail(DeliveryOut):
 class DeliveryList(_Out):
     items: list[DeliveryOut]
     next_cursor: str | None
+    aged_out: bool = Field(
+        default=False,
+        description="true when the run was first heard of before retained_since: its older"
+        " deliveries have been pruned from the archive (the run row itself is whole)",
+    )
+    retained_since: datetime | None = Field(
+        default=None, description="the oldest received_at the archive still keeps"
+    )
 
 
 class DeliveryPage(_Out):

@@ -90,6 +90,27 @@ class Settings(BaseSettings):
     reconcile_refetch_limit: int = Field(default=200, ge=0, le=10000)
     reconcile_lease_seconds: float = Field(default=120.0, gt=0)
 
+    # Data lifecycle (receiver.retention). The archive keeps whole UTC days: a delivery stays at
+    # least retention_days and at most one day more; the duplicate window is the same.
+    retention_days: int = Field(default=30, ge=1, le=36500)
+    run_retention_days: int | None = Field(default=None, ge=1, le=36500)  # None: keep runs
+    enrichment_done_retention_days: int = Field(default=7, ge=1)
+    alert_notification_retention_days: int = Field(default=30, ge=1)
+    alert_event_retention_days: int = Field(default=90, ge=1)
+    partition_days_ahead: int = Field(default=7, ge=1, le=366)
+    prune_interval_seconds: float = Field(default=86400.0, ge=0)  # 0: serve never prunes
+    maintenance_poll_seconds: float = Field(default=3600.0, gt=0)
+    maintenance_lease_seconds: float = Field(default=3600.0, gt=0)
+    maintenance_lock_timeout_seconds: float = Field(default=5.0, gt=0)
+    prune_batch_rows: int = Field(default=10000, ge=1, le=1000000)
+    prune_max_batches: int = Field(default=1000, ge=1)
+    # PgBouncer in transaction pooling: no prepared statements cached on (or named for) a
+    # server connection, since consecutive transactions may land on different ones.
+    db_pgbouncer: bool = False
+    # Query and analytics routes read here (a replica, or any read-only connection); unset:
+    # the primary.
+    read_database_url: str | None = None
+
     # Alerting.
     alert_rules_file: Path | None = None
     alert_interval_seconds: float = Field(default=15.0, gt=0)
@@ -153,7 +174,12 @@ class Settings(BaseSettings):
     def _lowercase(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("database_url")
+    @field_validator("run_retention_days", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        return None if value in ("", "0", 0, "off", "none") else value
+
+    @field_validator("database_url", "read_database_url")
     @classmethod
     def _postgres_only(cls, value: str | None) -> str | None:
         if value is None or value == "":

@@ -122,19 +122,19 @@ def prepare_database(settings: Settings, *, migrate: bool) -> str:
     url, embedded = resolve_database_url(settings)
     check_reachable(url)
     try:
-        return _prepare(url, embedded=embedded, migrate=migrate)
+        return _prepare(url, embedded=embedded, migrate=migrate, pgbouncer=settings.db_pgbouncer)
     except DATABASE_DOWN as exc:
         # Reachable a moment ago; gone (or refusing) now: still one line.
         raise DatabaseUnreachable(url, exc) from None
 
 
-def _prepare(url: str, *, embedded: bool, migrate: bool) -> str:
+def _prepare(url: str, *, embedded: bool, migrate: bool, pgbouncer: bool = False) -> str:
     if embedded or migrate:
         upgrade(url)
         return url
 
     async def revision() -> str | None:
-        engine = create_engine(url, pool_size=1)
+        engine = create_engine(url, pool_size=1, pgbouncer=pgbouncer)
         try:
             return await current_revision(engine)
         finally:
@@ -161,4 +161,5 @@ def open_engine(settings: Settings) -> AsyncEngine:
         connect_timeout=settings.db_connect_timeout_seconds,
         pool_timeout=max(settings.db_pool_timeout_seconds, 10.0),
         command_timeout=settings.background_statement_timeout_seconds,
+        pgbouncer=settings.db_pgbouncer,
     )

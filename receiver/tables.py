@@ -9,8 +9,9 @@ proves the two agree: Alembic's comparison against a database migrated to head, 
 models against that migrated one. A revision that adds a column appends it to the table here.
 
 The ingest hot path writes these with SQLAlchemy Core (see ``receiver.store``); the ORM view is
-for ordinary queries. ``deliveries`` is keyed by ``(id, received_at)`` so it can be
-range-partitioned by received time later without changing its key.
+for ordinary queries. ``deliveries`` is keyed by ``(id, received_at)`` and range-partitioned
+by received time (revision 0009); its partitions are made and dropped by ``receiver.retention``
+and are no part of this declaration (the drift gate leaves partitions out).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     Numeric,
+    PrimaryKeyConstraint,
     SmallInteger,
     Text,
     text,
@@ -153,10 +155,13 @@ class Delivery(SQLModel, table=True):
         Index("ix_deliveries_run_id", "run_id", "received_at"),
         Index("ix_deliveries_outcome", "outcome", text("received_at DESC"), text("id DESC")),
         Index("ix_deliveries_received", text("received_at DESC"), text("id DESC")),
+        {"postgresql_partition_by": "RANGE (received_at)"},
     )
 
+    # 0009: a bigserial (a sequence the column owns), not an identity: PostgreSQL before 17
+    # has no identity columns on partitioned tables.
     id: int = Field(
-        sa_column=Column(BigInteger, Identity(always=False), primary_key=True, nullable=False)
+        sa_column=Column(BigInteger, primary_key=True, nullable=False, autoincrement=True)
     )
     received_at: datetime = Field(
         sa_column=Column(
@@ -191,6 +196,8 @@ class DeliveryFingerprint(SQLModel, table=True):
     """The SHA-256 of every accepted body: how the same bytes twice are told apart."""
 
     __tablename__ = "delivery_fingerprints"
+    # 0009: retention deletes fingerprints past the archive's window in bounded batches.
+    __table_args__ = (Index("ix_delivery_fingerprints_received", "received_at"),)
 
     body_sha256: bytes = Field(sa_column=Column(LargeBinary, primary_key=True))
     delivery_id: int = Field(sa_column=Column(BigInteger, nullable=False))
@@ -209,9 +216,13 @@ class RunDelivery(SQLModel, table=True):
 
 class NodeRun(SQLModel, table=True):
     __tablename__ = "node_runs"
-    __table_args__ = (Index("ix_node_runs_run_id", "run_id"),)
+    # 0009: every unique key of a per-run table includes the run id (docs/scale-out.md).
+    __table_args__ = (
+        PrimaryKeyConstraint("id", "run_id", name="node_runs_pkey"),
+        Index("ix_node_runs_run_id", "run_id"),
+    )
 
-    id: str = Field(sa_column=Column(Text, primary_key=True))
+    id: str = Field(sa_column=Column(Text, nullable=False))
     run_id: str = Field(sa_column=Column(Text, nullable=False))
     node_id: str | None = Field(default=None, sa_column=Column(Text))
     node_type: str | None = Field(default=None, sa_column=Column(Text))
@@ -229,9 +240,12 @@ class NodeRun(SQLModel, table=True):
 
 class RunLog(SQLModel, table=True):
     __tablename__ = "run_logs"
-    __table_args__ = (Index("ix_run_logs_run_id", "run_id", "logged_at"),)
+    __table_args__ = (
+        PrimaryKeyConstraint("id", "run_id", name="run_logs_pkey"),
+        Index("ix_run_logs_run_id", "run_id", "logged_at"),
+    )
 
-    id: str = Field(sa_column=Column(Text, primary_key=True))
+    id: str = Field(sa_column=Column(Text, nullable=False))
     run_id: str = Field(sa_column=Column(Text, nullable=False))
     node_run_id: str | None = Field(default=None, sa_column=Column(Text))
     level: str | None = Field(default=None, sa_column=Column(Text))
@@ -415,3 +429,18 @@ class ReconciliationCheck(SQLModel, table=True):
     run_id: str = Field(sa_column=Column(Text, primary_key=True))
     checked_at: datetime | None = _ts(nullable=False)
     outcome: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class MaintenanceState(SQLModel, table=True):
+    """The lease and last outcome of the daily partition maintenance and pruning (0009)."""
+
+    __tablename__ = "maintenance_state"
+
+    name: str = Field(sa_column=Column(Text, primary_key=True))
+    lease_owner: str | None = Field(default=None, sa_column=Column(Text))
+    lease_until: datetime | None = _ts()
+    last_started_at: datetime | None = _ts()
+    last_success_at: datetime | None = _ts()
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    last_summary: Any = _json()
+    updated_at: datetime | None = _ts(nullable=False, default_now=True)

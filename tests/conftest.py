@@ -23,7 +23,7 @@ from receiver.db import create_engine, plain_url, start_embedded
 from receiver.migrations import upgrade
 from receiver.settings import Settings
 from tests.support.builders import API_TOKEN, SIGNING_SECRET
-from tests.support.database import admin_sql, truncate_all, with_database
+from tests.support.database import admin_sql, behind_pgbouncer, truncate_all, with_database
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def database_url(server_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    eng = create_engine(database_url, pool_size=5)
+    eng = create_engine(database_url, pool_size=5, pgbouncer=behind_pgbouncer())
     yield eng
     await eng.dispose()
 

@@ -193,7 +193,7 @@ def upgrade() -> None:
 LOCK_AND_LOAD = """
 CREATE FUNCTION ingest_lock_and_load(
     space int, buckets int[], run_ids text[], node_ids text[], log_ids text[], batch_ids text[]
-) RETURNS TABLE (t text, id text, status text, ranks jsonb)
+) RETURNS TABLE (t text, id text, owner text, status text, ranks jsonb)
 LANGUAGE plpgsql VOLATILE
 -- Plan for the ids at hand: a generic plan cached while the tables were small scans them.
 SET plan_cache_mode = force_custom_plan
@@ -205,13 +205,17 @@ BEGIN
         PERFORM pg_advisory_xact_lock(space, bucket);
     END LOOP;
     RETURN QUERY
-        SELECT 'r'::text, r.id, r.status, r.ranks FROM runs r WHERE r.id = ANY(run_ids)
+        SELECT 'r'::text, r.id, NULL::text, r.status, r.ranks FROM runs r
+        WHERE r.id = ANY(run_ids)
         UNION ALL
-        SELECT 'n'::text, n.id, NULL::text, n.ranks FROM node_runs n WHERE n.id = ANY(node_ids)
+        SELECT 'n'::text, n.id, n.run_id, NULL::text, n.ranks FROM node_runs n
+        WHERE n.id = ANY(node_ids)
         UNION ALL
-        SELECT 'l'::text, l.id, NULL::text, l.ranks FROM run_logs l WHERE l.id = ANY(log_ids)
+        SELECT 'l'::text, l.id, l.run_id, NULL::text, l.ranks FROM run_logs l
+        WHERE l.id = ANY(log_ids)
         UNION ALL
-        SELECT 'b'::text, b.id, NULL::text, b.ranks FROM batches b WHERE b.id = ANY(batch_ids);
+        SELECT 'b'::text, b.id, NULL::text, NULL::text, b.ranks FROM batches b
+        WHERE b.id = ANY(batch_ids);
 END
 $$
 """

@@ -167,6 +167,7 @@ def _upsert_sql(
     merged: Sequence[str],
     extra_sets: Sequence[str],
     start: int = 1,
+    key: str = "id",
 ) -> str:
     """INSERT ... SELECT FROM unnest ON CONFLICT (id): merged columns keep the stored value
     where the batch sent null (a field the delivery did not win), others as ``extra_sets``."""
@@ -175,7 +176,7 @@ def _upsert_sql(
     return (
         f"INSERT INTO {table} ({', '.join(name for name, _ in columns)})"
         f" SELECT {select} FROM {source}"
-        f" ON CONFLICT (id) DO UPDATE SET {', '.join([*sets, *extra_sets])}"
+        f" ON CONFLICT ({key}) DO UPDATE SET {', '.join([*sets, *extra_sets])}"
     )
 
 
@@ -241,10 +242,16 @@ WITH r AS ({
         NODE_FIELDS,
         ("ranks = EXCLUDED.ranks", "updated_at = now()"),
         1 + _N_RUN,
+        key="id, run_id",
     )
 }), l AS ({
     _upsert_sql(
-        "run_logs", _LOG_COLUMNS, LOG_FIELDS, ("ranks = EXCLUDED.ranks",), 1 + _N_RUN + _N_NODE
+        "run_logs",
+        _LOG_COLUMNS,
+        LOG_FIELDS,
+        ("ranks = EXCLUDED.ranks",),
+        1 + _N_RUN + _N_NODE,
+        key="id, run_id",
     )
 }), b AS ({
     _upsert_sql(
@@ -354,7 +361,9 @@ _LOCK = (
 # The bucket locks, then what the merge needs of the touched rows (their ranks, and a run's
 # status to tell a terminal transition), in one round trip: ``ingest_lock_and_load`` (0008)
 # takes the locks in the order given and reads with a snapshot taken after them.
-_LOCK_AND_LOAD = "SELECT t, id, status, ranks FROM ingest_lock_and_load($1, $2, $3, $4, $5, $6)"
+_LOCK_AND_LOAD = (
+    "SELECT t, id, owner, status, ranks FROM ingest_lock_and_load($1, $2, $3, $4, $5, $6)"
+)
 
 
 def lock_buckets(keys: Iterable[str]) -> list[int]:
@@ -575,8 +584,15 @@ async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
                 by_run.setdefault(patch.run_id, {}).update(patch.fields)
         patches.append(by_run)
     run_ids = byte_order(run_id for by_run in patches for run_id in by_run)
-    node_ids = byte_order(n["id"] for item, _ in batch for n in item.parsed.node_runs)
-    log_ids = byte_order(log["id"] for item, _ in batch for log in item.parsed.logs)
+    # Node runs and logs are keyed with their run (0009): (run id, id), in byte order.
+    node_keys = _pair_order(
+        (item.parsed.run_id, n["id"]) for item, _ in batch for n in item.parsed.node_runs
+    )
+    log_keys = _pair_order(
+        (item.parsed.run_id, log["id"]) for item, _ in batch for log in item.parsed.logs
+    )
+    node_ids = byte_order(key[1] for key in node_keys)
+    log_ids = byte_order(key[1] for key in log_keys)
     batch_ids = byte_order(
         item.parsed.batch["id"] for item, _ in batch if item.parsed.batch is not None
     )
@@ -586,12 +602,17 @@ async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
     )
 
     runs: dict[str, _Row] = {}
-    nodes: dict[str, _Row] = {}
-    logs: dict[str, _Row] = {}
+    nodes: dict[tuple[str, str], _Row] = {}
+    logs: dict[tuple[str, str], _Row] = {}
     batches: dict[str, _Row] = {}
-    tables = {"r": runs, "n": nodes, "l": logs, "b": batches}
     for row in loaded:
-        tables[row["t"]][row["id"]] = _Row(ranks=row["ranks"], status=row["status"])
+        loaded_row = _Row(ranks=row["ranks"], status=row["status"], run_id=row["owner"])
+        if row["t"] == "r":
+            runs[row["id"]] = loaded_row
+        elif row["t"] == "b":
+            batches[row["id"]] = loaded_row
+        else:
+            (nodes if row["t"] == "n" else logs)[(row["owner"], row["id"])] = loaded_row
 
     links: list[tuple[str, datetime, int]] = []
     for (item, result), by_run in zip(batch, patches, strict=True):
@@ -615,16 +636,14 @@ async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
         if owner is not None:
             for node in parsed.node_runs:
                 fields = {**node, "data": _extras(node.get("data"), _NODE_DATA_KEYS)}
-                row = nodes.setdefault(node["id"], _Row(ranks=None))
-                row.run_id = row.run_id or owner
+                row = nodes.setdefault((owner, node["id"]), _Row(ranks=None, run_id=owner))
                 rank = payload_rank(
                     node.get("status"), node.get("completed_at"), received, delivery_id
                 )
                 row.merge(fields, rank, NODE_BITS)
             for log in parsed.logs:
                 fields = {**log, "data": _extras(log.get("data"), _LOG_DATA_KEYS)}
-                row = logs.setdefault(log["id"], _Row(ranks=None))
-                row.run_id = row.run_id or owner
+                row = logs.setdefault((owner, log["id"]), _Row(ranks=None, run_id=owner))
                 row.merge(fields, payload_rank(None, None, received, delivery_id), LOG_BITS)
         if parsed.batch is not None:
             info = parsed.batch
@@ -650,8 +669,8 @@ async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
     await conn.execute(
         _WRITE,
         *_column_arrays(_RUN_COLUMNS, [_run_values(k, runs[k]) for k in run_ids]),
-        *_column_arrays(_NODE_COLUMNS, [_child_values(k, nodes[k]) for k in node_ids]),
-        *_column_arrays(_LOG_COLUMNS, [_child_values(k, logs[k]) for k in log_ids]),
+        *_column_arrays(_NODE_COLUMNS, [_child_values(k, nodes[k]) for k in node_keys]),
+        *_column_arrays(_LOG_COLUMNS, [_child_values(k, logs[k]) for k in log_keys]),
         *_column_arrays(_BATCH_COLUMNS, [_batch_values(k, batches[k]) for k in batch_ids]),
         *([list(column) for column in zip(*links, strict=True)] if links else [[], [], []]),
         envelope_only,
@@ -669,8 +688,14 @@ def _run_values(key: str, row: _Row) -> dict[str, Any]:
     }
 
 
-def _child_values(key: str, row: _Row) -> dict[str, Any]:
-    return {**row.values, "id": key, "run_id": row.run_id, "ranks": row.ranks}
+def _child_values(key: tuple[str, str], row: _Row) -> dict[str, Any]:
+    return {**row.values, "id": key[1], "run_id": key[0], "ranks": row.ranks}
+
+
+def _pair_order(pairs: Iterable[tuple[str | None, str]]) -> list[tuple[str, str]]:
+    """Distinct (run id, id) pairs with a run, in byte order."""
+    distinct = {(run, key) for run, key in pairs if run is not None}
+    return sorted(distinct, key=lambda pair: (pair[0].encode(), pair[1].encode()))
 
 
 def _batch_values(key: str, row: _Row) -> dict[str, Any]:

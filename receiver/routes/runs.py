@@ -78,10 +78,22 @@ async def run_deliveries(request: Request) -> Response:
     limit = parse_limit(request.query_params)
     after = decode_cursor(request.query_params, (datetime, int))
     engine = resources(request).reads
-    if await queries.get_run(engine, run_id) is None:
+    run = await queries.get_run(engine, run_id)
+    if run is None:
         raise NotFound(f"no run {run_id!r}")
     items, last = await queries.run_deliveries(engine, run_id, limit=limit, after=after)
-    return ORJSONResponse({"items": items, "next_cursor": encode_cursor(*last) if last else None})
+    # The archive keeps whole days back to retained_since; a run first heard of before that
+    # has had its older deliveries dropped (its row is whole: pruning never changes a run).
+    since = await queries.archive_retained_since(engine)
+    aged_out = since is not None and run["first_received_at"] < since
+    return ORJSONResponse(
+        {
+            "items": items,
+            "next_cursor": encode_cursor(*last) if last else None,
+            "aged_out": aged_out,
+            "retained_since": since,
+        }
+    )
 
 
 @bounded

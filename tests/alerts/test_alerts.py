@@ -11,7 +11,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import orjson
 import pytest
@@ -19,11 +18,11 @@ import pytest
 from receiver.alerts.evaluate import GroupState, evaluate_once, step
 from receiver.alerts.notify import send_one
 from receiver.alerts.store import upsert_rule
-from receiver.db import plain_url
 from receiver.errors import InvalidRule
 from receiver.settings import Settings
 from tests.support.apps import running_app
 from tests.support.builders import API_TOKEN, SIGNING_SECRET, auth, post_delivery, rule, run_object
+from tests.support.database import connect
 from tests.support.hook_server import HookServer, serve_hook
 
 T = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -87,7 +86,7 @@ async def quiet_app(db, database_url):
 
 
 async def rows(url: str, sql: str):
-    conn = await asyncpg.connect(plain_url(url))
+    conn = await connect(url)
     try:
         return [dict(r) for r in await conn.fetch(sql)]
     finally:
@@ -262,7 +261,7 @@ async def test_resolved_waits_for_the_firing_notification_still_being_retried(
         async with httpx.AsyncClient() as http:
             assert await send_one(slow_retry, engine, http)  # the hook answers 500
             # Full jitter may draw any wait up to the minute; pin it, so the firing waits.
-            conn = await asyncpg.connect(plain_url(database_url))
+            conn = await connect(database_url)
             try:
                 await conn.execute(
                     "UPDATE alert_notifications SET next_attempt_at = now() + interval '60 s'"
@@ -275,7 +274,7 @@ async def test_resolved_waits_for_the_firing_notification_still_being_retried(
             assert states == [{"state": "pending"}, {"state": "pending"}]
             assert not await send_one(slow_retry, engine, http)
             assert hook.received == []
-            conn = await asyncpg.connect(plain_url(database_url))
+            conn = await connect(database_url)
             try:  # the back-off has passed
                 await conn.execute("UPDATE alert_notifications SET next_attempt_at = now()")
             finally:

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import asyncpg
 
 from receiver.db import plain_url
+
+
+def behind_pgbouncer() -> bool:
+    """RECEIVER_DB_PGBOUNCER is on: the test server is a PgBouncer in transaction pooling."""
+    return os.environ.get("RECEIVER_DB_PGBOUNCER", "").lower() in ("1", "true", "yes", "on")
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    """A plain asyncpg connection; without a statement cache behind PgBouncer."""
+    if behind_pgbouncer():
+        return await asyncpg.connect(plain_url(url), statement_cache_size=0)
+    return await asyncpg.connect(plain_url(url))
+
+
+def admin_url(server_url: str) -> str:
+    """Where CREATE/DROP DATABASE go: RECEIVER_TEST_ADMIN_DATABASE_URL when set (the server
+    behind a pooler that refuses them), else the test server itself."""
+    return os.environ.get("RECEIVER_TEST_ADMIN_DATABASE_URL") or server_url
 
 
 def with_database(url: str, name: str) -> str:
@@ -18,7 +40,7 @@ def admin_sql(server_url: str, sql: str) -> None:
     """Run one statement (CREATE/DROP DATABASE) on the server, outside any transaction."""
 
     async def run() -> None:
-        conn = await asyncpg.connect(plain_url(server_url))
+        conn = await connect(admin_url(server_url))
         try:
             await conn.execute(sql)
         finally:
@@ -28,7 +50,7 @@ def admin_sql(server_url: str, sql: str) -> None:
 
 
 async def truncate_all(url: str) -> None:
-    conn = await asyncpg.connect(plain_url(url))
+    conn = await connect(url)
     try:
         tables = await conn.fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
@@ -39,3 +61,18 @@ async def truncate_all(url: str) -> None:
             await conn.execute(f"TRUNCATE {names} RESTART IDENTITY CASCADE")
     finally:
         await conn.close()
+
+
+@contextmanager
+def migrated_database(server_url: str, prefix: str = "rfscratch") -> Iterator[str]:
+    """A database of its own, migrated to head, dropped when the block ends."""
+    from receiver.migrations import upgrade
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin_sql(server_url, f'CREATE DATABASE "{name}"')
+    try:
+        url = with_database(server_url, name)
+        upgrade(url)
+        yield url
+    finally:
+        admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -25,6 +25,9 @@ def free_port() -> int:
 def receiver_env(**values: str) -> dict[str, str]:
     """The environment for a receiver subprocess: ours minus RECEIVER_*, plus ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+    if os.environ.get("RECEIVER_DB_PGBOUNCER"):
+        # The test server is a PgBouncer (.ci/pgbouncer): every receiver behind it needs this.
+        env["RECEIVER_DB_PGBOUNCER"] = os.environ["RECEIVER_DB_PGBOUNCER"]
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     env.update(values)
     return env
