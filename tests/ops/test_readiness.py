@@ -7,32 +7,25 @@ by every test and stays at head.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 
 import asyncpg
 import httpx
 import pytest
 
-from receiver.migrations import head_revision, state_of, upgrade
+from receiver.migrations import head_revision, state_of
 from receiver.settings import Settings
 from tests.support.apps import running_app
 from tests.support.builders import API_TOKEN, SIGNING_SECRET
-from tests.support.database import admin_sql, with_database
+from tests.support.database import migrated_database
 from tests.support.processes import receiver_env, serving
 
 
 @pytest.fixture
 def scratch_url(server_url: str) -> Iterator[str]:
     """A migrated database for this test alone, dropped afterwards."""
-    name = f"rfready_{uuid.uuid4().hex[:12]}"
-    admin_sql(server_url, f'CREATE DATABASE "{name}"')
-    try:
-        url = with_database(server_url, name)
-        upgrade(url)
+    with migrated_database(server_url, "rfready") as url:
         yield url
-    finally:
-        admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _stamp(url: str, revision: str) -> None:
