@@ -56,7 +56,7 @@ LEASE = "prune"
 PER_RUN_TABLES = (
     ("node_runs", "run_id"),
     ("run_logs", "run_id"),
-    ("run_patches", "run_id"),
+    ("run_deliveries", "run_id"),
     ("enrichment_queue", "run_id"),
     ("reconciliation_checks", "run_id"),
 )
