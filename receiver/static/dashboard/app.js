@@ -251,7 +251,7 @@ async function loadRun() {
   fill($("run-title"), "Run ", h("code", {}, id));
   await panel("run", async (el) => {
     const path = `/runs/${encodeURIComponent(id)}`;
-    const [run, deliveries] = await Promise.all([api(path), api(`${path}/deliveries`)]);
+    const [run, deliveries] = await Promise.all([api(path), api(`${path}/deliveries`, { params: { limit: "500" } })]);
     if (state.selectedRun !== id) return;
     fill(
       el,
@@ -274,7 +274,7 @@ async function loadRun() {
         run.node_runs.map((n) => [h("code", {}, n.id), val(n.node_id), val(n.node_type), h("span", { class: ["badge", n.status] }, val(n.status)), h("code", {}, val(n.failure_code)), val(n.failure_message), ms(n.duration_ms)]),
         { empty: "No node runs recorded.", rowProps: () => ({ class: "node-row" }) },
       ),
-      h("h3", {}, `Deliveries (${deliveries.items.length})`),
+      h("h3", {}, `Deliveries (${deliveries.items.length}${deliveries.next_cursor ? "+, the oldest shown" : ""})`),
       table(
         [{ label: "Delivery", class: "num" }, { label: "Received (UTC)" }, { label: "Outcome" }, { label: "Kind" }, { label: "Cause" }, { label: "Bytes", class: "num" }, { label: "Replays", class: "num" }],
         deliveries.items.map((d) => [String(d.id), when(d.received_at), h("span", { class: ["badge", d.outcome] }, d.outcome), val(d.kind), val(d.cause), val(d.body_size), String(d.replay_count)]),
