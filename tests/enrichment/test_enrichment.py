@@ -26,19 +26,7 @@ from tests.support.builders import (
     post_delivery,
     run_object,
 )
-from tests.support.fake_runflow import FakeRunflow, serve_fake
 from tests.support.processes import receiver_env, stop
-
-
-@pytest.fixture
-def fake():
-    return FakeRunflow()
-
-
-@pytest.fixture
-def fake_url(fake):
-    with serve_fake(fake) as url:
-        yield url
 
 
 @pytest.fixture

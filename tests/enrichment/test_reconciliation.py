@@ -16,6 +16,7 @@ from receiver.db import plain_url
 from receiver.reconciliation import OVERLAP, reconcile_once
 from receiver.runflow_api import RunflowClient
 from receiver.settings import Settings
+from tests.support.apps import running_app
 from tests.support.builders import (
     API_TOKEN,
     SIGNING_SECRET,
@@ -71,28 +72,14 @@ def recent_run(run_id: str, minutes_ago: float, **fields: Any) -> dict[str, Any]
 
 
 @pytest.fixture
-def fake():
-    return FakeRunflow()
-
-
-@pytest.fixture
-def fake_url(fake):
-    with serve_fake(fake) as url:
-        yield url
-
-
-@pytest.fixture
 async def api(db, database_url, fake_url):
     """Settings, an app that runs no background work (tests drive passes), and a client."""
     settings = reconcile_settings(database_url, fake_url)
-    app = create_app(settings, run_worker=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
-            RunflowClient(settings) as runflow,
-        ):
-            yield client, settings, runflow
+    async with (
+        running_app(settings, run_worker=False) as (_app, client),
+        RunflowClient(settings) as runflow,
+    ):
+        yield client, settings, runflow
 
 
 async def test_lost_runs_are_imported_and_runs_stored_as_terminal_are_skipped_unwritten(
