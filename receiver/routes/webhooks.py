@@ -169,8 +169,8 @@ async def _receive(request: Request) -> tuple[Response, dict[str, object]]:
     res = resources(request)
     settings = res.settings
     received_at = datetime.now(UTC)
-    # h11 refuses oversize headers that arrive in pieces; ones that arrive in one read are
-    # complete before it looks, so they are measured here.
+    # The protocol (receiver.server) refuses oversize heads that arrive in pieces; ones that
+    # arrive in one read are complete before it looks, so they are measured here.
     head = sum(len(name) + len(value) + 4 for name, value in request.scope["headers"])
     if head > settings.max_header_bytes:
         raise HeadersTooLarge(f"request headers exceed {settings.max_header_bytes} bytes")

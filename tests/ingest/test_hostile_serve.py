@@ -197,29 +197,29 @@ def test_headers_over_the_limit_are_refused_and_store_nothing(served, database_u
     except httpx.TransportError:
         status = None  # cut off: also fine, as long as nothing was read in
     assert status in (431, None)
-    # Arriving slowly, they are refused by the HTTP parser before they are complete.
+    # Arriving slowly, they are refused before they are complete: lines of 1 KB, a pause after
+    # each so every one is a read of its own, up to the first byte past the 16 KB limit, then
+    # nothing more (more bytes after the server's close would reset the connection under the
+    # answer).
     sock = _connect(served)
     try:
         sock.sendall(b"POST /webhooks/runflow HTTP/1.1\r\nHost: x\r\n")
         sock.settimeout(30)
-        answer = b""
+        head = 42  # the request line and Host
         for i in range(64):
-            try:
-                sock.sendall(b"X-Junk-%d: " % i + b"j" * 1024 + b"\r\n")
-            except OSError:
+            line = b"X-Junk-%02d: " % i + b"j" * 1011 + b"\r\n"
+            sock.sendall(line)
+            head += len(line)
+            if head > 16 * 1024:
                 break
             time.sleep(0.01)
-        for _ in range(100):
-            try:
-                chunk = sock.recv(65536)
-            except OSError:
-                break
-            if not chunk:
-                break
+        answer = b""
+        while chunk := sock.recv(65536):
             answer += chunk
     finally:
         sock.close()
-    assert answer == b"" or answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), answer
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    assert b'"code":"headers_too_large"' in answer.replace(b" ", b""), answer
     assert table_counts(database_url) == before
     assert httpx.get(f"{served}/healthz", timeout=30).status_code == 200
 
