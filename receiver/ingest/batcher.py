@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from receiver.db import CONNECTION_LOST, DATABASE_DOWN, driver_connection, transaction_timeouts
+from receiver.db import CONNECTION_LOST, DATABASE_DOWN, driver_connection, timed_transaction
 from receiver.ingest import store
 from receiver.ingest.store import Item, StoreResult
 
@@ -61,8 +61,7 @@ async def write_items(
     """
     for attempt in range(ATTEMPTS):
         try:
-            async with driver_connection(engine) as conn, conn.transaction():
-                await transaction_timeouts(conn, engine)
+            async with driver_connection(engine) as conn, timed_transaction(conn, engine):
                 results = await store.store_items(conn, items)
                 if also is not None:
                     await also(conn, results[0])
