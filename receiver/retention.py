@@ -12,7 +12,8 @@ transaction; whoever loses skips, the winner made them). Once a day one process 
   lock); never a row delete, so no bloat and no vacuum debt;
 - fingerprints of the same age are deleted in bounded batches (they cannot share the archive's
   partitions: the duplicate check needs a unique key on the hash alone), so the duplicate window
-  is exactly what the archive retains;
+  is exactly what the archive retains; so are the batch links (``run_deliveries``), which would
+  otherwise name deliveries no longer kept;
 - done enrichment rows, sent or abandoned alert notifications and alert events older than their
   own settings, and, only when ``run_retention_days`` is set, runs idle that long with their node
   runs, logs and other per-run rows, are deleted in bounded batches.
@@ -189,16 +190,26 @@ class _Sweep:
 
     what: str
     table: str
-    key: str  # a column that identifies rows, for the batch's sub-select
+    key: str  # the columns that identify a row, for the batch's sub-select
     condition: str  # with $1 the cutoff
 
 
 def _sweeps(settings: Settings, now: datetime) -> list[tuple[_Sweep, datetime]]:
     days = timedelta(days=1)
+    archive_cutoff = retention_cutoff(now, settings.retention_days)
     return [
         (
             _Sweep("fingerprints", "delivery_fingerprints", "body_sha256", "received_at < $1"),
-            retention_cutoff(now, settings.retention_days),
+            archive_cutoff,
+        ),
+        (
+            _Sweep(
+                "batch links (run_deliveries)",
+                "run_deliveries",
+                "run_id, received_at, delivery_id",
+                "received_at < $1",
+            ),
+            archive_cutoff,
         ),
         (
             _Sweep(
@@ -235,7 +246,7 @@ async def _sweep(conn: Any, sweep: _Sweep, cutoff: datetime, settings: Settings,
     total = 0
     for _ in range(settings.prune_max_batches):
         done = await conn.fetchval(
-            f"WITH gone AS (DELETE FROM {sweep.table} WHERE {sweep.key} IN"
+            f"WITH gone AS (DELETE FROM {sweep.table} WHERE ({sweep.key}) IN"
             f" (SELECT {sweep.key} FROM {sweep.table} WHERE {where} LIMIT $2) RETURNING 1)"
             " SELECT count(*) FROM gone",
             cutoff,

@@ -208,6 +208,8 @@ class RunDelivery(SQLModel, table=True):
     """A delivery that touched a run its own row does not name (batch callbacks); 0008."""
 
     __tablename__ = "run_deliveries"
+    # 0010: retention deletes links past the archive's window in bounded batches.
+    __table_args__ = (Index("ix_run_deliveries_received", "received_at"),)
 
     run_id: str = Field(sa_column=Column(Text, primary_key=True))
     received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))

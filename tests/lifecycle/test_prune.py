@@ -90,6 +90,22 @@ async def _archive_row(url: str, run_id: str, received_at: datetime, body: bytes
     )
 
 
+async def _batch_row(url: str, batch_id: str, run_ids: list[str], received_at: datetime) -> None:
+    """A batch callback's archive row and its link to each run it touched (not through HTTP)."""
+    await _sql(
+        url,
+        "WITH d AS (INSERT INTO deliveries (received_at, body, body_sha256, body_size, signature,"
+        " outcome, kind, batch_id) VALUES ($1, $2, sha256($2), length($2), 'valid', 'stored',"
+        " 'batch_envelope', $3) RETURNING id, received_at)"
+        " INSERT INTO run_deliveries (run_id, received_at, delivery_id)"
+        " SELECT r, d.received_at, d.id FROM d, unnest($4::text[]) AS r",
+        received_at,
+        f'{{"batch_id": "{batch_id}"}}'.encode(),
+        batch_id,
+        run_ids,
+    )
+
+
 async def _run_row(url: str, run_id: str, first: datetime) -> None:
     await _sql(
         url,
@@ -193,6 +209,39 @@ async def test_prune_drops_exactly_the_days_past_retention_and_keeps_every_run(
         *(TODAY - timedelta(days=30)).timetuple()[:3], tzinfo=UTC
     )
     assert len(new["items"]) == 1 and new["aged_out"] is False
+
+
+async def test_batch_links_go_with_their_archive_days_and_runs_stay(
+    own_url: str, own_engine: AsyncEngine, tmp_path: Path
+) -> None:
+    ages = (45, 31, 30, 29, 0)  # days ago, one batch callback each touching two runs
+    for age in ages:
+        runs = [f"run_b{age}_a", f"run_b{age}_b"]
+        for run_id in runs:
+            await _run_row(own_url, run_id, _noon(age))
+        await _batch_row(own_url, f"batch_{age}", runs, _noon(age))
+    await ensure_partitions(own_engine, _settings(own_url))
+    runs_before = await _sql(own_url, "SELECT * FROM runs ORDER BY id")
+    links_before = await _sql(own_url, "SELECT * FROM run_deliveries ORDER BY run_id")
+    env = _env(own_url, RECEIVER_RETENTION_DAYS="30")
+
+    dry = run_cli("prune", "--dry-run", env=env, cwd=tmp_path)
+    assert "would delete 4 batch links (run_deliveries)" in dry
+    assert await _sql(own_url, "SELECT * FROM run_deliveries ORDER BY run_id") == links_before
+
+    out = run_cli("prune", env=env, cwd=tmp_path)
+    assert "deleted 4 batch links (run_deliveries)" in out
+    links = await _sql(own_url, "SELECT run_id FROM run_deliveries ORDER BY run_id")
+    assert [row["run_id"] for row in links] == sorted(
+        f"run_b{age}_{x}" for age in (30, 29, 0) for x in "ab"
+    )
+    assert await _sql(own_url, "SELECT * FROM runs ORDER BY id") == runs_before
+
+    async with running_app(_settings(own_url), run_worker=False) as (_, client):
+        kept = (await client.get("/runs/run_b29_a/deliveries", headers=auth())).json()
+        gone = (await client.get("/runs/run_b45_a/deliveries", headers=auth())).json()
+    assert [item["batch_id"] for item in kept["items"]] == ["batch_29"]
+    assert gone["items"] == [] and gone["aged_out"] is True
 
 
 async def test_the_same_bytes_after_the_retention_window_are_stored_again(
