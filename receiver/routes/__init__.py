@@ -17,7 +17,8 @@ from receiver.routes import (
     webhooks,
 )
 
-MODULES = (pages, alerts, webhooks, health, runs, analytics, enrichment, reconciliation, docs)
+# Routes are matched in this order: the webhook first, as nearly every request is one.
+MODULES = (webhooks, pages, alerts, health, runs, analytics, enrichment, reconciliation, docs)
 
 
 def all_operations() -> list[Operation]:
