@@ -121,11 +121,32 @@ def configure_logging(settings: Settings) -> None:
 access_log = logging.getLogger("receiver.access")
 
 
+_LOGGED = "receiver.logged"  # an ASGI scope extension key: the route logged the request
+
+
+def access_fields(scope: Scope) -> dict[str, Any]:
+    """What an access line says of a request besides its status and duration."""
+    client = scope.get("client")
+    return {
+        "method": scope["method"],
+        "path": scope["path"],
+        "client": f"{client[0]}:{client[1]}" if client else None,
+    }
+
+
+def mark_logged(scope: Scope) -> None:
+    """The route logged one line for this request carrying ``access_fields``, its status and
+    its duration: AccessLog writes no second one."""
+    scope[_LOGGED] = True
+
+
 class AccessLog:
     """ASGI middleware: one ``receiver.access`` line per HTTP request once it is answered.
 
     The path is logged without its query string and no header is logged, so neither a token
-    passed in a query nor the Authorization header can reach the log.
+    passed in a query nor the Authorization header can reach the log. A route that logs its
+    own line with the same fields (the webhook's delivery line) says so with ``mark_logged``,
+    and that line stands for both.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -147,22 +168,20 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            method, path = scope["method"], scope["path"]
-            client = scope.get("client")
-            access_log.info(
-                "%s %s %d",
-                method,
-                path,
-                status,
-                extra={
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                    "client": f"{client[0]}:{client[1]}" if client else None,
-                    "_in_message": ("method", "path", "status"),
-                },
-            )
+            if not scope.get(_LOGGED) and access_log.isEnabledFor(logging.INFO):
+                fields = access_fields(scope)
+                access_log.info(
+                    "%s %s %d",
+                    fields["method"],
+                    fields["path"],
+                    status,
+                    extra={
+                        **fields,
+                        "status": status,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                        "_in_message": ("method", "path", "status"),
+                    },
+                )
 
 
 class Progress:

@@ -28,6 +28,7 @@ from receiver.errors import (
 )
 from receiver.ingest import RawDelivery
 from receiver.ingest.archive import clipped
+from receiver.logs import access_fields, mark_logged
 from receiver.resources import resources
 from receiver.responses import ORJSONResponse, error_response
 from receiver.schemas import ErrorBody, IngestAnswer
@@ -149,9 +150,15 @@ async def receive_runflow(request: Request) -> Response:
         if line.get("cause") in REFUSED_CAUSES:
             # Anyone can send these: a flood must not flood the log (REFUSAL_LOG is bounded).
             level = logging.DEBUG
-        log.log(
-            level, "delivery %s", line.get("outcome"), extra={**line, "_in_message": ("outcome",)}
-        )
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                "delivery %s",
+                line.get("outcome"),
+                extra={**line, **access_fields(request.scope), "_in_message": ("outcome",)},
+            )
+            if level >= logging.INFO:
+                mark_logged(request.scope)  # this line is also the request's access line
     return response
 
 

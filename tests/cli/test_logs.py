@@ -69,6 +69,9 @@ def test_every_line_serve_prints_in_json_mode_is_a_json_object(tmp_path):
     assert ingest["run_id"] == "log-run-1"
     assert ingest["outcome"] == "stored" and ingest["status"] == 200
     assert isinstance(ingest["duration_ms"], int | float)
+    # The delivery line is the request's access line too: method, path and client, no second.
+    assert ingest["method"] == "POST" and ingest["path"] == "/webhooks/runflow"
+    assert ingest["client"].startswith("127.0.0.1:")
     # A forged request is anyone's to send: no per-delivery line (a flood would flood the
     # log), but the bounded refusal warning names it, and the access line counts it.
     assert "req-forged" not in deliveries
@@ -76,7 +79,10 @@ def test_every_line_serve_prints_in_json_mode_is_a_json_object(tmp_path):
     assert refusal["level"] == "warning" and "invalid_signature" in refusal["message"]
     assert "request_id=req-forged" in refusal["message"]
     webhook_posts = [e for e in entries if e.get("path") == "/webhooks/runflow"]
-    assert sorted(e["status"] for e in webhook_posts) == [200, 401]
+    assert sorted((e["logger"], e["status"]) for e in webhook_posts) == [
+        ("receiver.access", 401),
+        ("receiver.routes.webhooks", 200),
+    ]
 
     access = [e for e in entries if e.get("path") == "/runs"]
     assert [(e["method"], e["status"]) for e in access] == [("GET", 200)]
