@@ -7,6 +7,7 @@ limits, its signals, the worker processes' environment) lives here.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -243,4 +244,9 @@ def worker_app() -> object:
 
     settings = load_settings()
     configure_logging(settings)
-    return AccessLog(create_app(settings, database_url=settings.database_url))
+    app = AccessLog(create_app(settings, database_url=settings.database_url))
+    # What start-up built lives as long as the worker: moved out of the collector's sight,
+    # the collections that the ingest path's allocations trigger no longer walk it (parsing a
+    # delivery spent 3.5 us in the collector before, 0.7 us after; bench/README.md).
+    gc.freeze()
+    return app
