@@ -35,10 +35,11 @@ async def burst(base: str, tag: str) -> None:
             run_object(f"{tag}_flux_{i}", status_code="failed", failure_code="oom")
             for i in range(6)
         ]
-        docs += [
-            run_object(f"{tag}_sdxl_{i}", status_code="failed", model={"id": "m2", "slug": "sdxl"})
-            for i in range(2)
-        ]
+        # A group that fails too, but stays below the threshold even when both bursts fall in
+        # one window (a loaded machine may answer the first burst's last requests late).
+        docs.append(
+            run_object(f"{tag}_sdxl", status_code="failed", model={"id": "m2", "slug": "sdxl"})
+        )
         docs += [run_object(f"{tag}_ok_{i}") for i in range(4)]
         answers = await asyncio.gather(*(post_delivery(client, doc) for doc in docs))
     assert all(a.status_code == 200 for a in answers)
