@@ -494,11 +494,6 @@ def _extras(data: Any, kept: frozenset[str]) -> dict[str, Any] | None:
     return rest or None
 
 
-def _records(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The JSON text of a batch's rows for one ``_recordset`` parameter."""
-    return dumps(rows).decode()
-
-
 def _bytea(value: bytes | None) -> str | None:
     """bytea's hex input form, for a bytea column of a ``_recordset``."""
     return None if value is None else "\\x" + value.hex()
@@ -541,7 +536,7 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
                 "source": entry.source,
             }
         )
-    answers = await conn.fetch(_ARCHIVE, _records(rows))
+    answers = await conn.fetch(_ARCHIVE, json_text(rows))
     done: list[StoreResult] = []
     stored: list[int] = []
     for index, (item, answer) in enumerate(zip(items, answers, strict=True)):
@@ -667,11 +662,11 @@ async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
     ]
     await conn.execute(
         _WRITE,
-        _records([_run_values(k, runs[k]) for k in run_ids]),
-        _records([_child_values(k, nodes[k]) for k in node_keys]),
-        _records([_child_values(k, logs[k]) for k in log_keys]),
-        _records([_batch_values(k, batches[k]) for k in batch_ids]),
-        _records(links),
+        json_text([_run_values(k, runs[k]) for k in run_ids]),
+        json_text([_child_values(k, nodes[k]) for k in node_keys]),
+        json_text([_child_values(k, logs[k]) for k in log_keys]),
+        json_text([_batch_values(k, batches[k]) for k in batch_ids]),
+        json_text(links),
         envelope_only,
     )
 
