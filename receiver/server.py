@@ -7,6 +7,7 @@ limits, its signals, the worker processes' environment) lives here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -157,6 +158,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+@functools.cache
 def _protocol_class() -> type:
     import httptools
     import orjson
