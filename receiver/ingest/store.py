@@ -275,11 +275,21 @@ SELECT 1
 """
 
 
-# Fingerprints, ids and archive rows for a whole batch in one statement. ``u`` is
-# materialised (it calls nextval), so each item keeps one id. ``pre`` is an outcome decided
-# before (``rejected``: an unresolved client_ref); the others claim their body's hash, and the
-# same bytes twice in the batch: the first claims. ``f`` reads the snapshot before this
-# statement: the owner of bytes accepted earlier. Replays (``rid``) keep their archive row.
+# Fingerprints, ids and archive rows for a whole batch, then the bucket locks and what the
+# merge needs of the touched rows, in one statement (one round trip). ``u`` is materialised
+# (it calls nextval), so each item keeps one id. ``pre`` is an outcome decided before
+# (``rejected``: an unresolved client_ref); the others claim their body's hash, and the same
+# bytes twice in the batch: the first claims. ``f`` reads the snapshot before this statement:
+# the owner of bytes accepted earlier. Replays (``rid``) keep their archive row.
+#
+# The locks come after the fingerprints, as they did when these were two statements: the
+# lateral call depends on ``a``'s row count, so every fingerprint of the batch is claimed
+# before the first lock is asked for. (A transaction that waited for a lock while it held
+# nothing another waiter could want would be fine either way; one that took its locks first
+# and then waited on another batch's uncommitted fingerprint could deadlock with it.)
+# ``ingest_lock_and_load`` (0008) takes the locks in the order given and reads with a snapshot
+# taken after them. Rows: ``t = 'a'`` one per item (``ord``, ``did``, ``outcome``, ``owner``),
+# then the loaded rows (``t``, ``id``, ``owner``, ``status``, ``ranks``).
 _DELIVERY_COLUMNS = (
     ("sha", "bytea"),
     ("recv", "timestamptz"),
@@ -299,7 +309,7 @@ _DELIVERY_COLUMNS = (
     ("source", "text"),
 )
 _claim_source = _recordset(_DELIVERY_COLUMNS, 1, ordinality=True)
-_ARCHIVE = f"""
+_ARCHIVE_AND_LOAD = f"""
 WITH u AS MATERIALIZED (
     SELECT u.*, COALESCE(u.rid, nextval('deliveries_id_seq')) AS id
     FROM {_claim_source}
@@ -328,8 +338,16 @@ WITH u AS MATERIALIZED (
         kind, run_id, batch_id,
         CASE WHEN outcome = 'duplicate' THEN owner END, source
     FROM v WHERE rid IS NULL
+), a AS MATERIALIZED (
+    SELECT ord, id, outcome, CASE WHEN outcome = 'duplicate' THEN owner END AS owner FROM v
 )
-SELECT id, outcome, CASE WHEN outcome = 'duplicate' THEN owner END AS owner FROM v ORDER BY ord
+SELECT 'a' AS t, ord, id AS did, outcome, owner AS duplicate_of, NULL::text AS id,
+    NULL::text AS owner, NULL::text AS status, NULL::jsonb AS ranks
+FROM a
+UNION ALL
+SELECT l.t, NULL, NULL, NULL, NULL, l.id, l.owner, l.status, l.ranks
+FROM (SELECT count(*)::int AS n FROM a) AS c
+CROSS JOIN LATERAL ingest_lock_and_load($2 + 0 * c.n, $3, $4, $5, $6, $7) AS l
 """
 
 _INSERT_DELIVERY = """
@@ -353,13 +371,6 @@ WHERE id = $1
 _LOCK = (
     "SELECT count(pg_advisory_xact_lock($1::int, b)) FROM unnest($2::int[]) WITH ORDINALITY"
     " AS u(b, ord)"
-)
-
-# The bucket locks, then what the merge needs of the touched rows (their ranks, and a run's
-# status to tell a terminal transition), in one round trip: ``ingest_lock_and_load`` (0008)
-# takes the locks in the order given and reads with a snapshot taken after them.
-_LOCK_AND_LOAD = (
-    "SELECT t, id, owner, status, ranks FROM ingest_lock_and_load($1, $2, $3, $4, $5, $6)"
 )
 
 
@@ -512,7 +523,9 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
             else:
                 rejected[index] = _unresolved(patch.client_ref_lookup, matches)
 
-    # 2. Fingerprints, delivery ids and archive rows, the whole batch in one statement.
+    # 2. Fingerprints, delivery ids and archive rows, then the locks and the touched rows,
+    # the whole batch in one statement. Which items turn out duplicates is known only after
+    # it: the locks and reads cover every item that may merge, a duplicate's rows unused.
     rows = []
     for index, item in enumerate(items):
         entry, parsed, refusal = item.entry, item.parsed, rejected.get(index)
@@ -536,21 +549,34 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
                 "source": entry.source,
             }
         )
-    answers = await conn.fetch(_ARCHIVE, json_text(rows))
+    keys = _Keys.of([item for index, item in enumerate(items) if index not in rejected])
+    buckets = lock_buckets([*keys.run_ids, *(f"batch:{b}" for b in keys.batch_ids)])
+    fetched = await conn.fetch(
+        _ARCHIVE_AND_LOAD,
+        json_text(rows),
+        _LOCK_SPACE,
+        buckets,
+        keys.run_ids,
+        byte_order(key[1] for key in keys.node_keys),
+        byte_order(key[1] for key in keys.log_keys),
+        keys.batch_ids,
+    )
+    answers = sorted((row for row in fetched if row["t"] == "a"), key=lambda row: row["ord"])
+    loaded = [row for row in fetched if row["t"] != "a"]
     done: list[StoreResult] = []
     stored: list[int] = []
     for index, (item, answer) in enumerate(zip(items, answers, strict=True)):
         result = rejected.get(index) or StoreResult(
             DeliveryOutcome(answer["outcome"]),
-            answer["id"],
+            answer["did"],
             run_id=item.parsed.run_id,
             batch_id=item.parsed.batch_id,
-            duplicate_of=answer["owner"],
+            duplicate_of=answer["duplicate_of"],
         )
         if result.outcome == DeliveryOutcome.STORED:
             # What the run left out (wrong-typed descriptive values); the archive has them.
             result.cause_detail = _set_aside(item.parsed)
-        result.delivery_id = answer["id"]
+        result.delivery_id = answer["did"]
         if result.outcome == DeliveryOutcome.STORED:
             stored.append(index)
         done.append(result)
@@ -560,51 +586,63 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
             await update_delivery(conn, item.replay_of, result, item.parsed.kind)
 
     if stored:
-        await _merge(conn, [(items[i], done[i]) for i in stored])
+        await _merge(conn, [(items[i], done[i]) for i in stored], loaded)
     return done
 
 
-async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
-    """Fold the stored deliveries of a batch into their runs, node runs, logs and batches."""
-    # Per delivery, one patch per run: the same run twice in one batch callback, the later
-    # item wins, as it would on the wire.
-    patches: list[dict[str, dict[str, Any]]] = []
-    for item, _ in batch:
-        by_run: dict[str, dict[str, Any]] = {}
-        for patch in item.parsed.runs:
-            if patch.run_id:
-                by_run.setdefault(patch.run_id, {}).update(patch.fields)
-        patches.append(by_run)
-    run_ids = byte_order(run_id for by_run in patches for run_id in by_run)
-    # Node runs and logs are keyed with their run (0009): (run id, id), in byte order.
-    node_keys = _pair_order(
-        (item.parsed.run_id, n["id"]) for item, _ in batch for n in item.parsed.node_runs
-    )
-    log_keys = _pair_order(
-        (item.parsed.run_id, log["id"]) for item, _ in batch for log in item.parsed.logs
-    )
-    node_ids = byte_order(key[1] for key in node_keys)
-    log_ids = byte_order(key[1] for key in log_keys)
-    batch_ids = byte_order(
-        item.parsed.batch["id"] for item, _ in batch if item.parsed.batch is not None
-    )
-    buckets = lock_buckets([*run_ids, *(f"batch:{b}" for b in batch_ids)])
-    loaded = await conn.fetch(
-        _LOCK_AND_LOAD, _LOCK_SPACE, buckets, run_ids, node_ids, log_ids, batch_ids
-    )
+def _run_patches(item: Item) -> dict[str, dict[str, Any]]:
+    """A delivery's patch per run: the same run twice in one batch callback, the later item
+    wins, as it would on the wire."""
+    by_run: dict[str, dict[str, Any]] = {}
+    for patch in item.parsed.runs:
+        if patch.run_id:
+            by_run.setdefault(patch.run_id, {}).update(patch.fields)
+    return by_run
+
+
+@dataclass
+class _Keys:
+    """The rows some deliveries touch, each kind in the one lock and write order."""
+
+    run_ids: list[str]
+    node_keys: list[tuple[str, str]]  # node runs and logs are keyed with their run (0009)
+    log_keys: list[tuple[str, str]]
+    batch_ids: list[str]
+
+    @classmethod
+    def of(cls, items: Iterable[Item]) -> _Keys:
+        parsed = [item.parsed for item in items]
+        return cls(
+            run_ids=byte_order(patch.run_id for p in parsed for patch in p.runs if patch.run_id),
+            node_keys=_pair_order((p.run_id, n["id"]) for p in parsed for n in p.node_runs),
+            log_keys=_pair_order((p.run_id, log["id"]) for p in parsed for log in p.logs),
+            batch_ids=byte_order(p.batch["id"] for p in parsed if p.batch is not None),
+        )
+
+
+async def _merge(
+    conn: Any, batch: Sequence[tuple[Item, StoreResult]], loaded: Iterable[Mapping[str, Any]]
+) -> None:
+    """Fold the stored deliveries of a batch into their runs, node runs, logs and batches.
+
+    ``loaded`` holds what the merge needs of the stored rows they touch (read under their
+    locks), and perhaps rows only a duplicate of the batch touches.
+    """
+    patches = [_run_patches(item) for item, _ in batch]
+    keys = _Keys.of(item for item, _ in batch)
 
     runs: dict[str, _Row] = {}
     nodes: dict[tuple[str, str], _Row] = {}
     logs: dict[tuple[str, str], _Row] = {}
     batches: dict[str, _Row] = {}
-    for row in loaded:
-        loaded_row = _Row(ranks=row["ranks"], status=row["status"], run_id=row["owner"])
-        if row["t"] == "r":
-            runs[row["id"]] = loaded_row
-        elif row["t"] == "b":
-            batches[row["id"]] = loaded_row
+    for found in loaded:
+        loaded_row = _Row(ranks=found["ranks"], status=found["status"], run_id=found["owner"])
+        if found["t"] == "r":
+            runs[found["id"]] = loaded_row
+        elif found["t"] == "b":
+            batches[found["id"]] = loaded_row
         else:
-            (nodes if row["t"] == "n" else logs)[(row["owner"], row["id"])] = loaded_row
+            (nodes if found["t"] == "n" else logs)[(found["owner"], found["id"])] = loaded_row
 
     links: list[dict[str, Any]] = []
     for (item, result), by_run in zip(batch, patches, strict=True):
@@ -656,16 +694,16 @@ async def _merge(conn: Any, batch: Sequence[tuple[Item, StoreResult]]) -> None:
     }
     envelope_only = [
         run_id
-        for run_id in run_ids
+        for run_id in keys.run_ids
         if run_id in wanted
         and not owned_fields(runs[run_id].ranks, RUN_BITS) & set(RUN_OBJECT_FIELDS)
     ]
     await conn.execute(
         _WRITE,
-        json_text([_run_values(k, runs[k]) for k in run_ids]),
-        json_text([_child_values(k, nodes[k]) for k in node_keys]),
-        json_text([_child_values(k, logs[k]) for k in log_keys]),
-        json_text([_batch_values(k, batches[k]) for k in batch_ids]),
+        json_text([_run_values(k, runs[k]) for k in keys.run_ids]),
+        json_text([_child_values(k, nodes[k]) for k in keys.node_keys]),
+        json_text([_child_values(k, logs[k]) for k in keys.log_keys]),
+        json_text([_batch_values(k, batches[k]) for k in keys.batch_ids]),
         json_text(links),
         envelope_only,
     )
