@@ -68,6 +68,9 @@ _RUNS_FILTERED = (
     "batch_id",
     "org_id",
 )
+# 0011: a filter is an equality, which implies IS NOT NULL: their indexes hold only the runs with
+# a value, but for target_type (the enrichment sweep looks for target_type IS NULL).
+_RUNS_FILTERED_PARTIAL = tuple(c for c in _RUNS_FILTERED if c != "target_type")
 # 0005: what the window index carries so every analytics route is an index-only scan.
 _RUNS_WINDOW_COVERED = (
     "status",
@@ -95,7 +98,17 @@ class Run(SQLModel, table=True):
             *_NEWEST_FIRST,
             postgresql_include=["failure_code", "failure_stage", "model", "duration_ms"],
         ),
-        *(Index(f"ix_runs_{column}_sort", column, *_NEWEST_FIRST) for column in _RUNS_FILTERED),
+        *(
+            Index(
+                f"ix_runs_{column}_sort",
+                column,
+                *_NEWEST_FIRST,
+                postgresql_where=(
+                    text(f"{column} IS NOT NULL") if column in _RUNS_FILTERED_PARTIAL else None
+                ),
+            )
+            for column in _RUNS_FILTERED
+        ),
         # 0004: alerts look at what the receiver heard recently, whenever the run was created.
         Index("ix_runs_last_received", "last_received_at", postgresql_include=["status"]),
     )
