@@ -17,7 +17,9 @@ and output added to every Run object. Printed: medians over the rounds of throug
 receiver's ratios to both baselines, its p99 latency, the largest worker RSS seen, the bytes
 PostgreSQL holds (every table, index and TOAST, ``pg_total_relation_size``) against the body
 bytes kept, and throughput for runs with ``--history`` stored deliveries against runs with
-one (each round on fresh runs, interleaved).
+one (each round on fresh runs, interleaved). Also printed: CPU per request of each app's own
+processes and of PostgreSQL, steadier than rates on a shared machine; ``--variant`` adds the
+same ``serve`` with other settings (a default measured against its alternatives in one run).
 """
 
 from __future__ import annotations
@@ -226,6 +228,31 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _cpu(pid: int) -> tuple[str, float]:
+    """A process's name and the CPU seconds it has used (user + system)."""
+    head, _, rest = Path(f"/proc/{pid}/stat").read_text().rpartition(")")
+    fields = rest.split()
+    return head.partition("(")[2], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(app_pid: int) -> tuple[float, float]:
+    """CPU seconds so far of an app's own processes (not PostgreSQL) and of every PostgreSQL
+    process on the machine: during one app's wrk run the others are idle, so the difference
+    across the run is what that load cost, a steadier figure than a rate on a shared machine."""
+    app = 0.0
+    for pid in [app_pid, *descendants(app_pid)]:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            name, seconds = _cpu(pid)
+            app += 0 if name == "postgres" else seconds
+    postgres = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                name, seconds = _cpu(int(entry.name))
+                postgres += seconds if name == "postgres" else 0
+    return app, postgres
+
+
 def worker_rss_mb(serve_pid: int) -> float:
     """The largest RSS among the receiver's Python worker processes (not PostgreSQL's)."""
     largest = 0.0
@@ -280,11 +307,24 @@ def main() -> int:
         type=Path,
         help="also run `serve` from this checkout (e.g. a worktree of the previous main)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="also run this code's `serve` with these RECEIVER_ settings, under NAME, in every"
+        " round (e.g. flushers1:RECEIVER_INGEST_FLUSHERS=1); may repeat",
+    )
     args = parser.parse_args()
 
     names: tuple[str, ...] = ("ceiling", "plain", "receiver")
     if args.before:
         names = (*names, "before")
+    variants: dict[str, dict[str, str]] = {}
+    for spec in args.variant:
+        name, _, settings = spec.partition(":")
+        variants[name] = dict(pair.split("=", 1) for pair in settings.split(",") if pair)
+    names = (*names, *variants)
     figures: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     history: dict[str, list[float]] = {"1": [], str(args.history): []}
     rss: list[float] = []
@@ -302,12 +342,14 @@ def main() -> int:
                 "PYTHONPATH": f"{ROOT}:{ROOT / 'bench'}",
             }
             urls = {"receiver": f"{base}/webhooks/runflow"}
+            pids = {"receiver": serve_process.pid}
             processes = []
             for name, app in (("ceiling", "baseline_app:ceiling"), ("plain", "plain_receiver:app")):
                 url, process = start_app(app, args.workers, base_env)
                 urls[name] = f"{url}/webhooks/runflow"
+                pids[name] = process.pid
                 processes.append(process)
-            before = contextlib.ExitStack()
+            others = contextlib.ExitStack()  # the --before and --variant servers
             if args.before:
                 old_tmp = tmp_path / "before"
                 old_tmp.mkdir()
@@ -316,14 +358,31 @@ def main() -> int:
                     "RECEIVER_DATA_DIR": str(old_tmp / "data"),
                     "PYTHONPATH": str(args.before.resolve()),
                 }
-                old_base, _ = before.enter_context(serving(old_env, old_tmp, workers=args.workers))
+                old_base, old_process = others.enter_context(
+                    serving(old_env, old_tmp, workers=args.workers)
+                )
                 urls["before"] = f"{old_base}/webhooks/runflow"
+                pids["before"] = old_process.pid
+            for name, settings in variants.items():
+                variant_tmp = tmp_path / name
+                variant_tmp.mkdir()
+                variant_env = {**env, **settings, "RECEIVER_DATA_DIR": str(variant_tmp / "data")}
+                variant_base, variant_process = others.enter_context(
+                    serving(variant_env, variant_tmp, workers=args.workers)
+                )
+                urls[name] = f"{variant_base}/webhooks/runflow"
+                pids[name] = variant_process.pid
             try:
                 for round_no in range(args.rounds):
                     bodies = tmp_path / f"bodies-{round_no}.txt"
                     write_bodies(bodies, traffic(args.bodies, seed=1000 + round_no))
                     for name in names:
+                        app_before, postgres_before = cpu_seconds(pids[name])
                         result = wrk(urls[name], bodies, args.seconds, args.connections)
+                        app_after, postgres_after = cpu_seconds(pids[name])
+                        per = 1e6 / max(1, result["requests"])
+                        result["app_cpu_us"] = (app_after - app_before) * per
+                        result["postgres_cpu_us"] = (postgres_after - postgres_before) * per
                         figures[name].append(result)
                         if name == "receiver":
                             rss.append(worker_rss_mb(serve_process.pid))
@@ -366,12 +425,19 @@ def main() -> int:
                         flush=True,
                     )
             finally:
-                before.close()
+                others.close()
                 for process in processes:
                     process.terminate()
                     process.wait(timeout=30)
 
     rate = {name: statistics.median(f["rate"] for f in figures[name]) for name in names}
+    cpu = {
+        name: (
+            statistics.median(f["app_cpu_us"] for f in figures[name]),
+            statistics.median(f["postgres_cpu_us"] for f in figures[name]),
+        )
+        for name in names
+    }
     p99 = statistics.median(f["p99_ms"] for f in figures["receiver"])
     at = {depth: statistics.median(rates) for depth, rates in history.items()}
     ratio_history = at[str(args.history)] / at["1"]
@@ -392,6 +458,14 @@ def main() -> int:
             if args.before
             else ""
         )
+        + "".join(
+            f"  {name} ({','.join(variants[name])}) {rate[name]:7.0f} deliveries/s,"
+            f" p99 {statistics.median(f['p99_ms'] for f in figures[name]):.1f} ms,"
+            f" / receiver {rate[name] / rate['receiver']:.2f}\n"
+            for name in variants
+        )
+        + "  CPU per request, the app's processes + PostgreSQL's (medians, us):\n"
+        + "".join(f"    {name:<20} {cpu[name][0]:6.0f} + {cpu[name][1]:6.0f}\n" for name in names)
         + f"  receiver p99                         {p99:7.1f} ms (target <= 50)\n"
         f"  receiver worker RSS, largest seen    {max(rss):7.0f} MB (target <= 150)\n"
         f"  history {args.history} / history 1          {ratio_history:7.2f}"
