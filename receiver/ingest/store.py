@@ -283,13 +283,12 @@ SELECT 1
 # the owner of bytes accepted earlier. Replays (``rid``) keep their archive row.
 #
 # The locks come after the fingerprints, as they did when these were two statements: the
-# lateral call depends on ``a``'s row count, so every fingerprint of the batch is claimed
-# before the first lock is asked for. (A transaction that waited for a lock while it held
-# nothing another waiter could want would be fine either way; one that took its locks first
-# and then waited on another batch's uncommitted fingerprint could deadlock with it.)
-# ``ingest_lock_and_load`` (0008) takes the locks in the order given and reads with a snapshot
-# taken after them. Rows: ``t = 'a'`` one per item (``ord``, ``did``, ``outcome``, ``owner``),
-# then the loaded rows (``t``, ``id``, ``owner``, ``status``, ``ranks``).
+# lateral call depends on ``a``'s row count, so the batch claims every fingerprint before it
+# asks for a lock. (Two batches that meet on the same bytes and the same runs can still
+# deadlock; the batcher retries a deadlock.) ``ingest_lock_and_load`` (0008) takes the locks
+# in the order given and reads with a snapshot taken after them. Rows: ``t = 'a'`` one per
+# item (``ord``, ``did``, ``outcome``, ``duplicate_of``), then the loaded rows (``t``, ``id``,
+# ``owner``, ``status``, ``ranks``).
 _DELIVERY_COLUMNS = (
     ("sha", "bytea"),
     ("recv", "timestamptz"),
@@ -374,14 +373,15 @@ _LOCK = (
 )
 
 
-def lock_buckets(keys: Iterable[str]) -> list[int]:
-    """The sorted bucket numbers of some lock keys (run ids, ``batch:<id>``)."""
+def lock_buckets(run_ids: Iterable[str], batch_ids: Iterable[str] = ()) -> list[int]:
+    """The sorted bucket numbers of these runs and batches (keyed ``<run id>``, ``batch:<id>``)."""
+    keys = [*run_ids, *(f"batch:{b}" for b in batch_ids)]
     return sorted({zlib.crc32(key.encode()) % LOCK_BUCKETS for key in keys})
 
 
 async def lock_runs(conn: Any, run_ids: Iterable[str], batch_ids: Iterable[str] = ()) -> None:
     """Take the bucket locks of these runs and batches, in the one shared order."""
-    buckets = lock_buckets([*run_ids, *(f"batch:{b}" for b in batch_ids)])
+    buckets = lock_buckets(run_ids, batch_ids)
     if buckets:
         await conn.fetchval(_LOCK, _LOCK_SPACE, buckets)
 
@@ -550,7 +550,7 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
             }
         )
     keys = _Keys.of([item for index, item in enumerate(items) if index not in rejected])
-    buckets = lock_buckets([*keys.run_ids, *(f"batch:{b}" for b in keys.batch_ids)])
+    buckets = lock_buckets(keys.run_ids, keys.batch_ids)
     fetched = await conn.fetch(
         _ARCHIVE_AND_LOAD,
         json_text(rows),
