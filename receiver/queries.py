@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from receiver.db import driver_connection
 from receiver.errors import Unavailable
+from receiver.ingest.archive import decode_body
 from receiver.queryparams import FILTER_COLUMNS, RunFilters
 from receiver.retention import retained_since
 
@@ -246,11 +247,14 @@ async def list_deliveries(
 async def get_delivery(engine: AsyncEngine, delivery_id: int) -> dict[str, Any] | None:
     async with read_connection(engine) as conn:
         row = await conn.fetchrow(
-            f"SELECT {DELIVERY_COLUMNS}, body FROM deliveries WHERE id = $1", delivery_id
+            f"SELECT {DELIVERY_COLUMNS}, body, body_encoding FROM deliveries WHERE id = $1",
+            delivery_id,
         )
     if row is None:
         return None
     out = dict(row)
-    body = out.pop("body")
-    out["body"] = None if body is None else bytes(body).decode("utf-8", errors="replace")
+    body, encoding = out.pop("body"), out.pop("body_encoding")
+    out["body"] = (
+        None if body is None else decode_body(bytes(body), encoding).decode("utf-8", "replace")
+    )
     return out

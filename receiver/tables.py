@@ -203,6 +203,9 @@ class Delivery(SQLModel, table=True):
     source: str = Field(
         default="webhook", sa_column=Column(Text, nullable=False, server_default="webhook")
     )
+    # 0012: how ``body`` is kept: null as received, ``zlib`` compressed
+    # (receiver.ingest.archive.decode_body).
+    body_encoding: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class DeliveryFingerprint(SQLModel, table=True):

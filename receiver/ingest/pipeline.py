@@ -25,7 +25,7 @@ from receiver.errors import (
     UnsupportedMediaType,
 )
 from receiver.ingest import store
-from receiver.ingest.archive import ArchiveEntry, RawDelivery, archive_entry
+from receiver.ingest.archive import ArchiveEntry, RawDelivery, archive_entry, decode_body
 from receiver.ingest.batcher import batcher_for, write_items
 from receiver.ingest.payloads import ParsedPayload, parse_payload
 from receiver.ingest.signature import verify_signature
@@ -246,8 +246,8 @@ async def replay(
     """
     async with driver_connection(engine) as conn:
         row = await conn.fetchrow(
-            "SELECT id, received_at, body, content_type, signature, source, outcome, run_id,"
-            " batch_id, duplicate_of FROM deliveries WHERE id = $1",
+            "SELECT id, received_at, body, body_encoding, content_type, signature, source,"
+            " outcome, run_id, batch_id, duplicate_of FROM deliveries WHERE id = $1",
             delivery_id,
         )
     if row is None:
@@ -268,7 +268,7 @@ async def replay(
         )
     if row["body"] is None:
         raise NotReplayable(f"delivery {delivery_id} kept no body (it failed the signature check)")
-    body = bytes(row["body"])
+    body = decode_body(bytes(row["body"]), row["body_encoding"])
     entry = ArchiveEntry.of(
         body,
         signature=SignatureVerdict(row["signature"]),

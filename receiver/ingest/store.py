@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from receiver.ingest.archive import ArchiveEntry
+from receiver.ingest.archive import ArchiveEntry, encode_body
 from receiver.ingest.merge import RankEntries, merge_fields, owned_fields, payload_rank
 from receiver.ingest.payloads import RUN_FIELDS, ParsedPayload
 from receiver.responses import dumps
@@ -298,6 +298,7 @@ _DELIVERY_COLUMNS = (
     ("headers", _JSON),
     ("content_type", "text"),
     ("body", "bytea"),
+    ("body_encoding", "text"),
     ("body_size", "bigint"),
     ("signature", "text"),
     ("cause", "text"),
@@ -328,11 +329,13 @@ WITH u AS MATERIALIZED (
     LEFT JOIN ins ON u.pre IS NULL AND ins.body_sha256 = u.sha
 ), d AS (
     INSERT INTO deliveries (
-        id, received_at, request_id, headers, content_type, body, body_sha256, body_size,
-        signature, outcome, cause, cause_detail, kind, run_id, batch_id, duplicate_of, source
+        id, received_at, request_id, headers, content_type, body, body_encoding, body_sha256,
+        body_size, signature, outcome, cause, cause_detail, kind, run_id, batch_id,
+        duplicate_of, source
     )
     SELECT id, recv, request_id, headers, content_type,
-        CASE WHEN outcome = 'duplicate' THEN NULL ELSE body END, sha, body_size, signature,
+        CASE WHEN outcome = 'duplicate' THEN NULL ELSE body END,
+        CASE WHEN outcome = 'duplicate' THEN NULL ELSE body_encoding END, sha, body_size, signature,
         outcome, cause, CASE WHEN outcome = 'duplicate' THEN NULL ELSE cause_detail END,
         kind, run_id, batch_id,
         CASE WHEN outcome = 'duplicate' THEN owner END, source
@@ -352,10 +355,11 @@ CROSS JOIN LATERAL ingest_lock_and_load($2 + 0 * c.n, $3, $4, $5, $6, $7) AS l
 _INSERT_DELIVERY = """
 INSERT INTO deliveries (
     id, received_at, request_id, headers, content_type, body, body_sha256, body_size,
-    signature, outcome, cause, cause_detail, kind, run_id, batch_id, duplicate_of, source
+    signature, outcome, cause, cause_detail, kind, run_id, batch_id, duplicate_of, source,
+    body_encoding
 ) VALUES (
     COALESCE($1, nextval('deliveries_id_seq')), $2, $3, $4, $5, $6, $7, $8,
-    $9, $10, $11, $12, $13, $14, $15, $16, $17
+    $9, $10, $11, $12, $13, $14, $15, $16, $17, $18
 )
 RETURNING id
 """
@@ -400,6 +404,7 @@ async def insert_delivery(
     batch_id: str | None = None,
     duplicate_of: int | None = None,
 ) -> int:
+    body, body_encoding = encode_body(entry.body) if keep_body else (None, None)
     new_id: int = await conn.fetchval(
         _INSERT_DELIVERY,
         delivery_id,
@@ -407,7 +412,7 @@ async def insert_delivery(
         entry.request_id,
         json_text(entry.headers),
         entry.content_type,
-        entry.body if keep_body else None,
+        body,
         entry.body_sha256,
         entry.body_size,
         entry.signature,
@@ -419,6 +424,7 @@ async def insert_delivery(
         batch_id,
         duplicate_of,
         entry.source,
+        body_encoding,
     )
     return new_id
 
@@ -529,6 +535,9 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
     rows = []
     for index, item in enumerate(items):
         entry, parsed, refusal = item.entry, item.parsed, rejected.get(index)
+        body, body_encoding = (
+            (None, None) if item.replay_of is not None else encode_body(entry.body)
+        )
         rows.append(
             {
                 "sha": _bytea(entry.body_sha256),
@@ -538,7 +547,8 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
                 "request_id": entry.request_id,
                 "headers": entry.headers,
                 "content_type": entry.content_type,
-                "body": _bytea(entry.body),
+                "body": _bytea(body),
+                "body_encoding": body_encoding,
                 "body_size": entry.body_size,
                 "signature": entry.signature,
                 "cause": None if refusal is None else refusal.cause,

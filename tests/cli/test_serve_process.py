@@ -18,7 +18,7 @@ from receiver.ingest.merge import StoredPatch, fold_run, rank_key
 from receiver.ingest.payloads import RUN_FIELDS, parse_payload
 from receiver.simulate import SendReport, SimDelivery, generate_traffic, send
 from tests.support.builders import SIGNING_SECRET
-from tests.support.database import truncate_all
+from tests.support.database import received_bytes, truncate_all
 from tests.support.processes import (
     embedded_postgres_running,
     embedded_url,
@@ -113,7 +113,13 @@ def fired(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Fired:
         traffic=traffic,
         report=report,
         archive=rows("SELECT id, outcome FROM deliveries"),
-        stored=rows("SELECT id, received_at, body FROM deliveries WHERE outcome = 'stored'"),
+        stored=[
+            {**r, "body": received_bytes(r["body"], r["body_encoding"])}
+            for r in rows(
+                "SELECT id, received_at, body, body_encoding FROM deliveries"
+                " WHERE outcome = 'stored'"
+            )
+        ],
         runs=rows("SELECT * FROM runs"),
         nodes=rows(f"SELECT id, {', '.join(NODE_COLUMNS)} FROM node_runs"),
         logs=rows(f"SELECT id, {', '.join(LOG_COLUMNS)} FROM run_logs"),

@@ -12,6 +12,7 @@ import pytest
 from receiver.backfill import BackfillError, backfill
 from receiver.db import plain_url
 from tests.support.builders import T0, enrichment_settings, iso, run_object
+from tests.support.database import received_bytes
 from tests.support.fake_runflow import FakeRunflow, serve_fake
 
 
@@ -71,13 +72,15 @@ async def test_a_malformed_listed_run_is_kept_as_rejected_and_the_backfill_goes_
     conn = await asyncpg.connect(plain_url(database_url))
     try:
         rejected = await conn.fetch(
-            "SELECT cause, body FROM deliveries WHERE outcome = 'rejected' AND source = 'backfill'"
+            "SELECT cause, body, body_encoding FROM deliveries"
+            " WHERE outcome = 'rejected' AND source = 'backfill'"
         )
         stored_ids = {r["id"] for r in await conn.fetch("SELECT id FROM runs")}
     finally:
         await conn.close()
     assert [r["cause"] for r in rejected] == ["invalid_payload"]
-    assert b'"not a number"' in rejected[0]["body"]  # kept, so it can be replayed
+    kept = received_bytes(rejected[0]["body"], rejected[0]["body_encoding"])
+    assert kept is not None and b'"not a number"' in kept  # kept, so it can be replayed
     assert "bad" not in stored_ids
 
 

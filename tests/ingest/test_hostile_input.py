@@ -30,6 +30,7 @@ from tests.support.builders import (
     post_delivery,
     run_object,
 )
+from tests.support.database import received_bytes
 
 
 async def rows(engine, sql, **params) -> list[dict[str, Any]]:
@@ -38,11 +39,13 @@ async def rows(engine, sql, **params) -> list[dict[str, Any]]:
 
 
 async def deliveries(engine) -> list[dict[str, Any]]:
-    return await rows(
+    """The archive, oldest first, each ``body`` as received."""
+    found = await rows(
         engine,
-        "SELECT id, outcome, cause, cause_detail, run_id, body, signature, headers, request_id"
-        " FROM deliveries ORDER BY id",
+        "SELECT id, outcome, cause, cause_detail, run_id, body, body_encoding, signature,"
+        " headers, request_id FROM deliveries ORDER BY id",
     )
+    return [{**r, "body": received_bytes(r["body"], r["body_encoding"])} for r in found]
 
 
 async def table_counts(engine) -> dict[str, int]:

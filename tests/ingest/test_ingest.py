@@ -22,6 +22,7 @@ from tests.support.builders import (
     post_delivery,
     run_object,
 )
+from tests.support.database import received_bytes
 
 
 async def rows(engine, sql, **params):
@@ -30,11 +31,13 @@ async def rows(engine, sql, **params):
 
 
 async def deliveries(engine):
-    return await rows(
+    """The archive, oldest first, each ``body`` as received (``stored`` is what the row holds)."""
+    found = await rows(
         engine,
-        "SELECT id, outcome, cause, run_id, batch_id, body, signature, duplicate_of,"
-        " cause_detail FROM deliveries ORDER BY id",
+        "SELECT id, outcome, cause, run_id, batch_id, body AS stored, body_encoding, body_size,"
+        " signature, duplicate_of, cause_detail FROM deliveries ORDER BY id",
     )
+    return [{**r, "body": received_bytes(r["stored"], r["body_encoding"])} for r in found]
 
 
 async def run_row(engine, run_id):

@@ -65,7 +65,10 @@ async def test_existing_deliveries_move_into_daily_partitions_and_back(old_url: 
         )
     finally:
         await conn.close()
-    assert after == before
+    # Every row as it was; the columns later revisions add (0012's body_encoding) come last, null.
+    width = len(before[0])
+    assert [row[:width] for row in after] == before
+    assert all(value is None for row in after for value in row[width:])
     assert new_id == max(row[0] for row in before) + 1
 
     await asyncio.to_thread(command.downgrade, alembic_config(old_url), BEFORE)

@@ -5,12 +5,22 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import asyncpg
 
 from receiver.db import plain_url
+
+
+def received_bytes(stored: bytes | None, encoding: str | None) -> bytes | None:
+    """A kept body as it was received: the archive keeps some zlib-compressed (RFC 1950) and
+    marks them ``body_encoding = 'zlib'``; a null encoding is the bytes as they came."""
+    if stored is None or encoding is None:
+        return None if stored is None else bytes(stored)
+    assert encoding == "zlib", encoding
+    return zlib.decompress(stored)
 
 
 def behind_pgbouncer() -> bool:
