@@ -224,6 +224,7 @@ async def insert_rate(conn: Any, table: str, count: int, body_bytes: int) -> flo
                 None,
                 None,
                 "webhook",
+                None,  # body_encoding: the filler is kept as it is
             )
     return count / (time.perf_counter() - began)
 
