@@ -10,6 +10,7 @@ import os
 import uuid
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -35,7 +36,7 @@ async def archived(db, delivery_id: int) -> dict:
     return dict(row._mapping)
 
 
-def long_run_object(run_id: str, **fields: object) -> bytes:
+def long_run_object(run_id: str, **fields: Any) -> bytes:
     """A Run object as image models send them: a prompt of a few hundred bytes."""
     prompt = "a watercolor of a lighthouse at dawn, soft light, " * 12
     return orjson.dumps(run_object(run_id, input={"prompt": prompt, "seed": 7}, **fields))
