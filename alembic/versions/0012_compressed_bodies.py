@@ -36,15 +36,17 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     bind = op.get_bind()
+    # Onward by id (the key's first column), so each chunk is one index range, not a scan.
     select = sa.text(
-        "SELECT id, received_at, body FROM deliveries WHERE body_encoding = 'zlib'"
-        " ORDER BY id LIMIT :n"
+        "SELECT id, received_at, body FROM deliveries WHERE id > :after"
+        " AND body_encoding = 'zlib' ORDER BY id LIMIT :n"
     )
     update = sa.text(
         "UPDATE deliveries SET body = :body, body_encoding = NULL"
         " WHERE id = :id AND received_at = :received_at"
     )
-    while rows := bind.execute(select, {"n": _CHUNK}).all():
+    after = 0
+    while rows := bind.execute(select, {"after": after, "n": _CHUNK}).all():
         bind.execute(
             update,
             [
@@ -52,4 +54,5 @@ def downgrade() -> None:
                 for r in rows
             ],
         )
+        after = rows[-1].id
     op.drop_column("deliveries", "body_encoding")
