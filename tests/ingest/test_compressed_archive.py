@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import uuid
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,7 @@ from sqlalchemy import text
 from alembic import command
 from receiver.migrations import alembic_config
 from tests.support.builders import auth, post_delivery, run_object
-from tests.support.database import admin_sql, connect, with_database
+from tests.support.database import connect, migrated_database
 
 
 async def archived(db, delivery_id: int) -> dict:
@@ -119,14 +118,8 @@ async def test_rows_kept_before_0012_read_and_replay_as_before(client, db):
 
 @pytest.fixture
 def scratch_url(server_url: str) -> Iterator[str]:
-    name = f"rfzip_{uuid.uuid4().hex[:12]}"
-    admin_sql(server_url, f'CREATE DATABASE "{name}"')
-    try:
-        url = with_database(server_url, name)
-        command.upgrade(alembic_config(url), "head")
+    with migrated_database(server_url, "rfzip") as url:
         yield url
-    finally:
-        admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def test_the_downgrade_writes_every_body_back_as_received(scratch_url: str) -> None:

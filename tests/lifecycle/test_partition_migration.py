@@ -4,7 +4,6 @@ go on from where the identity stopped, and the downgrade gives the plain table b
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -12,21 +11,15 @@ import pytest
 
 from alembic import command
 from receiver.migrations import alembic_config
-from tests.support.database import admin_sql, connect, with_database
+from tests.support.database import connect, migrated_database
 
 BEFORE = "0007"
 
 
 @pytest.fixture
 def old_url(server_url: str) -> Iterator[str]:
-    name = f"rfmig_{uuid.uuid4().hex[:12]}"
-    admin_sql(server_url, f'CREATE DATABASE "{name}"')
-    try:
-        url = with_database(server_url, name)
-        command.upgrade(alembic_config(url), BEFORE)
+    with migrated_database(server_url, "rfmig", revision=BEFORE) as url:
         yield url
-    finally:
-        admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def _one(url: str, sql: str) -> object:

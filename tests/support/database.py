@@ -74,15 +74,22 @@ async def truncate_all(url: str) -> None:
 
 
 @contextmanager
-def migrated_database(server_url: str, prefix: str = "rfscratch") -> Iterator[str]:
-    """A database of its own, migrated to head, dropped when the block ends."""
-    from receiver.migrations import upgrade
+def migrated_database(
+    server_url: str, prefix: str = "rfscratch", revision: str | None = None
+) -> Iterator[str]:
+    """A database of its own, migrated to head (or to ``revision``), dropped when the block
+    ends."""
+    from alembic import command
+    from receiver.migrations import alembic_config, upgrade
 
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin_sql(server_url, f'CREATE DATABASE "{name}"')
     try:
         url = with_database(server_url, name)
-        upgrade(url)
+        if revision is None:
+            upgrade(url)
+        else:
+            command.upgrade(alembic_config(url), revision)
         yield url
     finally:
         admin_sql(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
