@@ -49,6 +49,14 @@ class ArchiveEntry:
     body: bytes | None = None
     body_sha256: bytes | None = None
     body_size: int | None = None
+    _stored: tuple[bytes | None, str | None] | None = field(default=None, repr=False, compare=False)
+
+    def stored_body(self) -> tuple[bytes | None, str | None]:
+        """The body as the archive keeps it, and its encoding (:func:`encode_body`): worked
+        out once, however often a batch holding this entry is written or retried."""
+        if self._stored is None:
+            self._stored = encode_body(self.body)
+        return self._stored
 
     @classmethod
     def of(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from receiver.ingest.archive import ArchiveEntry, encode_body
+from receiver.ingest.archive import ArchiveEntry
 from receiver.ingest.merge import RankEntries, merge_fields, owned_fields, payload_rank
 from receiver.ingest.payloads import RUN_FIELDS, ParsedPayload
 from receiver.responses import dumps
@@ -404,7 +404,7 @@ async def insert_delivery(
     batch_id: str | None = None,
     duplicate_of: int | None = None,
 ) -> int:
-    body, body_encoding = encode_body(entry.body) if keep_body else (None, None)
+    body, body_encoding = entry.stored_body() if keep_body else (None, None)
     new_id: int = await conn.fetchval(
         _INSERT_DELIVERY,
         delivery_id,
@@ -535,9 +535,7 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
     rows = []
     for index, item in enumerate(items):
         entry, parsed, refusal = item.entry, item.parsed, rejected.get(index)
-        body, body_encoding = (
-            (None, None) if item.replay_of is not None else encode_body(entry.body)
-        )
+        body, body_encoding = (None, None) if item.replay_of is not None else entry.stored_body()
         rows.append(
             {
                 "sha": _bytea(entry.body_sha256),

@@ -63,6 +63,19 @@ async def test_a_compressible_body_is_kept_smaller_and_read_back_exactly(client,
     assert again.json()["status"] == "duplicate"
 
 
+async def test_a_large_body_is_kept_compressed_and_read_back_exactly(client, db):
+    # Over 64 KiB, so the receiver compresses it off the event loop.
+    raw = orjson.dumps(
+        run_object("run_big", input={"frames": [f"frame {n} of a long clip" for n in range(20000)]})
+    )
+    assert len(raw) > 256 * 1024
+    response = await post_delivery(client, raw)
+    assert response.status_code == 200
+    row = await archived(db, response.json()["delivery_id"])
+    assert row["body_encoding"] == "zlib" and len(row["body"]) < len(raw) / 4
+    assert zlib.decompress(row["body"]) == raw
+
+
 @pytest.mark.parametrize(
     "raw",
     [
