@@ -21,6 +21,7 @@ from receiver.errors import Unavailable
 from receiver.ingest.archive import decode_body
 from receiver.queryparams import FILTER_COLUMNS, RunFilters
 from receiver.retention import retained_since
+from receiver.vocabulary import DeliveryOutcome
 
 # The statement timeout of the request being served (seconds); None outside API requests.
 _STATEMENT_TIMEOUT: ContextVar[float | None] = ContextVar("statement_timeout", default=None)
@@ -238,6 +239,10 @@ async def list_deliveries(
         where.add("outcome = {}", outcomes[0])
     elif outcomes:
         where.add("outcome = ANY({}::text[])", outcomes)
+    if outcomes and DeliveryOutcome.STORED not in outcomes:
+        # ix_deliveries_outcome holds only these (0013): a generic plan, which does not know
+        # the value bound, reads it only when the query says so itself.
+        where.raw("outcome <> 'stored'")
     rows, last = await _keyset_page(
         engine, f"SELECT {DELIVERY_COLUMNS} FROM deliveries", where, "received_at", limit, after
     )

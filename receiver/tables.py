@@ -166,7 +166,14 @@ class Delivery(SQLModel, table=True):
     __tablename__ = "deliveries"
     __table_args__ = (
         Index("ix_deliveries_run_id", "run_id", "received_at"),
-        Index("ix_deliveries_outcome", "outcome", text("received_at DESC"), text("id DESC")),
+        # 0013: only the rare outcomes; a stored page reads ix_deliveries_received.
+        Index(
+            "ix_deliveries_outcome",
+            "outcome",
+            text("received_at DESC"),
+            text("id DESC"),
+            postgresql_where=text("outcome <> 'stored'"),
+        ),
         Index("ix_deliveries_received", text("received_at DESC"), text("id DESC")),
         {"postgresql_partition_by": "RANGE (received_at)"},
     )
