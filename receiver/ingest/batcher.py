@@ -135,28 +135,33 @@ class Batcher:
         ``driver_connection`` (which drops a dead connection) and is then dealt with by
         :meth:`_flush` on connections of its own, as every batch was before.
         """
-        batch: list[_Pending] = []
-        connected = False
+        batch = self._take()
+        results: list[StoreResult] | None = None
         try:
             async with driver_connection(self.engine) as conn:
-                connected = True
                 until = time.monotonic() + HOLD_SECONDS
-                while self.queue and time.monotonic() < until:
-                    batch = self._take()
+                while True:
                     results = await write_on(conn, self.engine, [p.item for p in batch])
+                    if not self.queue or time.monotonic() >= until:
+                        break
                     self._settled(batch, results)
-                    batch = []
+                    batch, results = self._take(), None
+            # The last batch is answered once the connection is back in the pool, as every
+            # batch was before: whoever waits on it may dispose of the engine next.
+            self._settled(batch, results)
         except Exception as exc:
-            if not connected:
-                # No connection to be had: the next batch fails as it would have on its own.
-                batch = self._take()
-            if batch:
-                await self._flush(batch, exc)
-            else:  # giving back a connection after the last batch settled
+            if results is not None:
+                # Committed; only giving the connection back failed.
                 log.warning("ingest connection not returned cleanly: %r", exc)
+                self._settled(batch, results)
+            else:
+                await self._flush(batch, exc)
         except BaseException as exc:  # cancelled mid-flush: nobody may wait forever
-            for pending in batch:
-                _fail(pending, exc)
+            if results is not None:
+                self._settled(batch, results)
+            else:
+                for pending in batch:
+                    _fail(pending, exc)
             raise
 
     def _settled(self, batch: list[_Pending], results: Sequence[StoreResult]) -> None:
