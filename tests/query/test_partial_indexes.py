@@ -30,15 +30,20 @@ FROM generate_series(1, {ROWS}) AS g
 """
 
 
-@pytest.fixture
-async def filled(db, database_url: str) -> str:
+async def load(database_url: str, fill: str, table: str) -> str:
+    """Run ``fill`` and ANALYZE ``table``, so the planner knows the rows it made."""
     conn = await connect(database_url)
     try:
-        await conn.execute(FILL)
-        await conn.execute("ANALYZE runs")
+        await conn.execute(fill)
+        await conn.execute(f"ANALYZE {table}")
     finally:
         await conn.close()
     return database_url
+
+
+@pytest.fixture
+async def filled(db, database_url: str) -> str:
+    return await load(database_url, FILL, "runs")
 
 
 def index_names(plan: dict[str, Any]) -> set[str]:
@@ -160,13 +165,7 @@ DUPLICATE = DELIVERIES // 40 - DELIVERIES // 200
 
 @pytest.fixture
 async def archived(db, database_url: str) -> str:
-    conn = await connect(database_url)
-    try:
-        await conn.execute(FILL_DELIVERIES)
-        await conn.execute("ANALYZE deliveries")
-    finally:
-        await conn.close()
-    return database_url
+    return await load(database_url, FILL_DELIVERIES, "deliveries")
 
 
 async def outcome_page(database_url: str, outcomes: list[str], monkeypatch) -> tuple[str, list]:
