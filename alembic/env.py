@@ -27,12 +27,16 @@ def _run(connection: Connection) -> None:
     def include_name(name: str | None, type_: str, parent_names: object) -> bool:
         return not (type_ == "table" and name in partitions)
 
+    # The query above began a transaction: end it, so alembic's own begins each revision's
+    # (an autocommit block, as 0013's concurrent index builds, needs alembic to hold it).
+    connection.commit()
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
         compare_server_default=True,
         include_name=include_name,
+        transaction_per_migration=True,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -14,14 +14,18 @@ A query reads a partial index only when its WHERE clause implies the index's pre
 ``outcome <> 'stored'`` to a list that asks only for other outcomes; the sweeps name their
 outcome as a literal.
 
-Deliveries are partitioned by day: the index is made on the parent and so on every partition,
-including those made later.
+Deliveries are partitioned by day. The index is made on the parent, so every partition made later
+gets it too; each existing partition's is built CONCURRENTLY (``_replace_outcome_index``), so
+ingest goes on writing while the upgrade reads the archive. That runs outside a transaction,
+so each revision now commits on its own (alembic/env.py).
 
 Revision ID: 0013
 Revises: 0012
 """
 
 from collections.abc import Sequence
+
+import sqlalchemy as sa
 
 from alembic import op
 
@@ -30,19 +34,41 @@ down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+_COLUMNS = "(outcome, received_at DESC, id DESC)"
 
-def _outcome_index(where: str = "") -> None:
-    op.execute(
-        "CREATE INDEX ix_deliveries_outcome ON deliveries (outcome, received_at DESC, id DESC)"
-        + where
+
+def _replace_outcome_index(where: str, suffix: str) -> None:
+    """Swap ix_deliveries_outcome for one with ``where``, without blocking ingest for the build.
+
+    A plain CREATE INDEX on the archive would hold off every insert until it had read every
+    partition. Instead the new index is made on the parent alone (ON ONLY: invalid until each
+    partition has one), each partition's is built CONCURRENTLY and attached, and only then is
+    the old one dropped (a short exclusive lock) and the new one given its name.
+    """
+    op.execute(f"CREATE INDEX ix_deliveries_outcome_new ON ONLY deliveries {_COLUMNS}{where}")
+    partitions = (
+        op.get_bind()
+        .execute(
+            sa.text(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'deliveries'::regclass ORDER BY c.relname"
+            )
+        )
+        .scalars()
+        .all()
     )
+    with op.get_context().autocommit_block():
+        for partition in partitions:
+            index = f"{partition}_{suffix}"
+            op.execute(f"CREATE INDEX CONCURRENTLY {index} ON {partition} {_COLUMNS}{where}")
+            op.execute(f"ALTER INDEX ix_deliveries_outcome_new ATTACH PARTITION {index}")
+    op.execute("DROP INDEX ix_deliveries_outcome")
+    op.execute("ALTER INDEX ix_deliveries_outcome_new RENAME TO ix_deliveries_outcome")
 
 
 def upgrade() -> None:
-    op.drop_index("ix_deliveries_outcome", table_name="deliveries")
-    _outcome_index(" WHERE outcome <> 'stored'")
+    _replace_outcome_index(" WHERE outcome <> 'stored'", "rare_outcome_idx")
 
 
 def downgrade() -> None:
-    op.drop_index("ix_deliveries_outcome", table_name="deliveries")
-    _outcome_index()
+    _replace_outcome_index("", "outcome_idx")
