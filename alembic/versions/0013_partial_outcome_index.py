@@ -45,6 +45,9 @@ def _replace_outcome_index(where: str, suffix: str) -> None:
     partition has one), each partition's is built CONCURRENTLY and attached, and only then is
     the old one dropped (a short exclusive lock) and the new one given its name.
     """
+    # What an interrupted run of this left behind (with the partitions' indexes attached to
+    # it) goes first, so the revision can simply run again.
+    op.execute("DROP INDEX IF EXISTS ix_deliveries_outcome_new")
     op.execute(f"CREATE INDEX ix_deliveries_outcome_new ON ONLY deliveries {_COLUMNS}{where}")
     partitions = (
         op.get_bind()
@@ -60,6 +63,8 @@ def _replace_outcome_index(where: str, suffix: str) -> None:
     with op.get_context().autocommit_block():
         for partition in partitions:
             index = f"{partition}_{suffix}"
+            # A build cut short leaves an invalid index, not attached to any parent.
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {index}")
             op.execute(f"CREATE INDEX CONCURRENTLY {index} ON {partition} {_COLUMNS}{where}")
             op.execute(f"ALTER INDEX ix_deliveries_outcome_new ATTACH PARTITION {index}")
     op.execute("DROP INDEX ix_deliveries_outcome")

@@ -9,14 +9,18 @@ the generic plan a prepared statement falls back to (where the value is unknown)
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import receiver.queries as queries
+from alembic import command
+from receiver.migrations import alembic_config
 from receiver.queryparams import RunFilters
-from tests.support.database import connect
+from tests.support.database import connect, migrated_database
 
 ROWS = 20_000
 # One run in 50 failed, with one of the codes; the others have none.
@@ -245,3 +249,49 @@ async def test_a_page_of_stored_deliveries_walks_the_received_index(archived, mo
     sql, args = await outcome_page(archived, ["stored"], monkeypatch)
     for used in await plans_of_sql(archived, sql, args):
         assert any("received" in name for name in used), used
+
+
+@pytest.fixture
+def at_0012(server_url: str) -> Iterator[str]:
+    with migrated_database(server_url, "rfoutcome", revision="0012") as url:
+        yield url
+
+
+async def test_an_interrupted_0013_runs_again_and_leaves_one_valid_partial_index(
+    at_0012: str,
+) -> None:
+    """0013 builds outside a transaction, so a cut-short run leaves its work behind: the new
+    parent index, a partition's index attached to it, another's built but not attached."""
+    url = at_0012
+    conn = await connect(url)
+    try:
+        columns = "(outcome, received_at DESC, id DESC) WHERE outcome <> 'stored'"
+        await conn.execute(
+            f"CREATE INDEX ix_deliveries_outcome_new ON ONLY deliveries {columns};"
+            " CREATE INDEX deliveries_default_rare_outcome_idx"
+            f" ON deliveries_default {columns};"
+            " ALTER INDEX ix_deliveries_outcome_new"
+            " ATTACH PARTITION deliveries_default_rare_outcome_idx;"
+        )
+        partition = await conn.fetchval(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'deliveries'::regclass AND c.relname <> 'deliveries_default'"
+            " ORDER BY 1 LIMIT 1"
+        )
+        await conn.execute(f"CREATE INDEX {partition}_rare_outcome_idx ON {partition} {columns}")
+        await asyncio.to_thread(command.upgrade, alembic_config(url), "head")
+        indexes = await conn.fetch(
+            "SELECT c.relname, i.indisvalid, pg_get_expr(i.indpred, i.indrelid) AS pred"
+            " FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE c.relname LIKE '%outcome%'"
+        )
+        partitions = await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'deliveries'::regclass"
+        )
+    finally:
+        await conn.close()
+    names = {row["relname"] for row in indexes}
+    assert "ix_deliveries_outcome" in names and "ix_deliveries_outcome_new" not in names
+    assert len(indexes) == partitions + 1  # the parent's and one per partition, no leftovers
+    assert all(row["indisvalid"] for row in indexes)
+    assert {row["pred"] for row in indexes} == {"(outcome <> 'stored'::text)"}
