@@ -116,26 +116,33 @@ def merge_fields(
     wins (it never erases). Entries are not modified in place.
     """
     current = [list(entry) for entry in entries or []]
+    # The fields owned by a rank above this payload's: each entry is compared once, not once
+    # per field (a Run object carries about twenty fields, a row keeps two or three entries).
+    kept = 0
+    for entry in current:
+        if (entry[0], entry[1], entry[2], entry[3], entry[4]) > rank:
+            kept |= entry[5]
     winners: dict[str, Any] = {}
     taken = 0
     for name, value in fields.items():
+        if value is None:
+            continue
         bit = bits.get(name)
-        if bit is None or value is None:
+        if bit is None or kept >> bit & 1:
             continue
-        mask = 1 << bit
-        owner = next((entry for entry in current if entry[5] & mask), None)
-        if owner is not None and tuple(owner[:5]) > rank:
-            continue
-        if owner is not None:
-            owner[5] &= ~mask
         winners[name] = value
-        taken |= mask
-    if taken:
-        mine = next((entry for entry in current if tuple(entry[:5]) == rank), None)
-        if mine is None:
-            current.append([*rank, taken])
-        else:
-            mine[5] |= taken
+        taken |= 1 << bit
+    if not taken:
+        return winners, [entry for entry in current if entry[5]]
+    mine = None
+    for entry in current:
+        entry[5] &= ~taken  # the owners this payload outranks lose what it won
+        if (entry[0], entry[1], entry[2], entry[3], entry[4]) == rank:
+            mine = entry
+    if mine is None:
+        current.append([*rank, taken])
+    else:
+        mine[5] |= taken
     return winners, [entry for entry in current if entry[5]]
 
 
