@@ -116,7 +116,11 @@ def parse_body(content_type: str | None, body: bytes) -> ParsedPayload:
     check_content_type(content_type)
     document = decode_json(body)
     # JSON can only carry NUL escaped; the archive keeps the exact bytes regardless.
-    document = bounded_document(document, scrub_nul=b"\\u0000" in body)
+    scrub_nul = b"\\u0000" in body
+    # Nesting needs an opening bracket per level: a body with few of them (as every real one
+    # has) cannot nest too deep, and need not be walked unless it holds NUL to replace.
+    if scrub_nul or body.count(b"{") + body.count(b"[") > MAX_DEPTH:
+        document = bounded_document(document, scrub_nul=scrub_nul)
     return parse_payload(document)
 
 

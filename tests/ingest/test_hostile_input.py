@@ -193,6 +193,22 @@ async def test_nesting_within_the_limit_is_stored_whole(client, db):
     assert run is not None and run["metadata"] == nested(62, "leaf")
 
 
+@pytest.mark.parametrize("brackets", ["[]", "{}"])
+async def test_the_depth_limit_is_exact_for_arrays_and_objects(client, db, brackets):
+    # The document is level 1; k containers under "metadata" reach level 1 + k, and the
+    # limit is 64 levels: 63 containers are stored, 64 are refused.
+    def body(k: int) -> bytes:
+        opening, closing = ('{"a":', "}") if brackets == "{}" else ("[", "]")
+        head = orjson.dumps(run_object(f"run_edge_{brackets}_{k}"))[:-1]
+        return head + b',"metadata":' + (opening * k + "1" + closing * k).encode() + b"}"
+
+    stored = await post_raw(client, body(63))
+    assert stored.status_code == 200, stored.text
+    refused = await post_raw(client, body(64))
+    assert refused.status_code == 422, refused.text
+    assert error_of(refused)["details"][0]["loc"] == "metadata"
+
+
 async def test_nul_deep_inside_is_422_without_a_log_flood(client, db, caplog):
     body = deep_json("input", 600, leaf='"a\\u0000b"')
     with caplog.at_level(logging.INFO):
