@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from receiver.ingest.archive import ArchiveEntry
+from receiver.ingest.archive import ArchiveEntry, stored_headers
 from receiver.ingest.merge import RankEntries, merge_fields, owned_fields, payload_rank
 from receiver.ingest.payloads import RUN_FIELDS, ParsedPayload
 from receiver.responses import dumps
@@ -410,7 +410,7 @@ async def insert_delivery(
         delivery_id,
         entry.received_at,
         entry.request_id,
-        json_text(entry.headers),
+        json_text(stored_headers(entry)),
         entry.content_type,
         body,
         entry.body_sha256,
@@ -543,7 +543,7 @@ async def store_items(conn: Any, items: Sequence[Item]) -> list[StoreResult]:
                 "rid": item.replay_of,
                 "pre": None if refusal is None else refusal.outcome,
                 "request_id": entry.request_id,
-                "headers": entry.headers,
+                "headers": stored_headers(entry),
                 "content_type": entry.content_type,
                 "body": _bytea(body),
                 "body_encoding": body_encoding,

@@ -607,6 +607,43 @@ async def test_kept_headers_and_request_id_are_cut_short_on_every_row(client, db
     assert kept["headers"]["user-agent"].startswith("uuu")
 
 
+async def test_headers_held_in_columns_are_stored_once_and_answered_as_sent(client, db):
+    body = orjson.dumps(envelope("run_headers_once"))
+    long_id = "q" * 5000
+    sent = {
+        "content-type": "application/json; charset=utf-8",
+        "user-agent": "runflow-webhooks/1.0",
+    }
+    first = await post_raw(client, body, **sent, **{"runflow-request-id": "req_0001"})
+    again = orjson.dumps({**envelope("run_headers_once"), "metadata": {"attempt": 2}})
+    second = await post_raw(client, again, **sent, **{"runflow-request-id": long_id})
+    assert first.status_code == second.status_code == 200
+
+    # Each answers the headers it was sent, among those the archive keeps (SPEC: "selected
+    # headers"), each value cut at 1024 characters.
+    def answered(response: httpx.Response) -> dict[str, Any]:
+        found = response.json()
+        return {key: found["headers"].get(key) for key in (*sent, "runflow-request-id")}
+
+    one = await client.get(f"/deliveries/{first.json()['delivery_id']}", headers=auth())
+    two = await client.get(f"/deliveries/{second.json()['delivery_id']}", headers=auth())
+    assert answered(one) == {**sent, "runflow-request-id": "req_0001"}
+    assert answered(two) == {**sent, "runflow-request-id": "q" * 1023 + "\u2026"}
+    assert two.json()["request_id"] == "q" * 254 + "\u2026"
+    listed = await client.get("/runs/run_headers_once/deliveries", headers=auth())
+    assert listed.status_code == 200, listed.text
+    assert sorted(
+        item["headers"]["runflow-request-id"] for item in listed.json()["items"]
+    ) == sorted(["req_0001", "q" * 1023 + "\u2026"])
+
+    # The row holds the content type and a request id that fits its column only there.
+    kept = {row["request_id"]: row["headers"] for row in await deliveries(db)}
+    assert "content-type" not in kept["req_0001"]
+    assert "runflow-request-id" not in kept["req_0001"]
+    assert kept["req_0001"]["user-agent"] == "runflow-webhooks/1.0"
+    assert kept["q" * 254 + "\u2026"]["runflow-request-id"] == "q" * 1023 + "\u2026"
+
+
 async def test_a_slow_body_is_answered_408_and_leaves_no_row(client_with, db):
     c = await client_with(body_read_timeout_seconds=0.5)
     before = await table_counts(db)
