@@ -18,9 +18,13 @@ import pytest
 from sqlalchemy import text
 
 from receiver.app import create_app
+from receiver.ingest.archive import ArchiveEntry
+from receiver.ingest.payloads import parse_payload
+from receiver.ingest.pipeline import store_parsed
 from receiver.ingest.signature import sign
 from receiver.routes import webhooks
 from receiver.settings import Settings
+from receiver.vocabulary import DeliverySource, SignatureVerdict
 from tests.support.builders import (
     API_TOKEN,
     SIGNING_SECRET,
@@ -642,6 +646,22 @@ async def test_headers_held_in_columns_are_stored_once_and_answered_as_sent(clie
     assert "runflow-request-id" not in kept["req_0001"]
     assert kept["req_0001"]["user-agent"] == "runflow-webhooks/1.0"
     assert kept["q" * 254 + "\u2026"]["runflow-request-id"] == "q" * 1023 + "\u2026"
+
+
+async def test_a_fetched_run_answers_only_the_headers_it_was_kept_with(client, db):
+    # A backfilled run has a content type column but was never sent with such a header.
+    body = orjson.dumps(run_object("run_fetched"))
+    entry = ArchiveEntry.of(
+        body,
+        signature=SignatureVerdict.UNSIGNED,
+        source=DeliverySource.BACKFILL,
+        headers={"url": "https://api.runflow.io/v1/runs/run_fetched"},
+    )
+    result = await store_parsed(db, entry, parse_payload(orjson.loads(body)))
+    found = await client.get(f"/deliveries/{result.delivery_id}", headers=auth())
+    assert found.status_code == 200, found.text
+    assert found.json()["headers"] == {"url": "https://api.runflow.io/v1/runs/run_fetched"}
+    assert found.json()["content_type"] == "application/json"
 
 
 async def test_a_slow_body_is_answered_408_and_leaves_no_row(client_with, db):
